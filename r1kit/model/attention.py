@@ -1,0 +1,150 @@
+"""Attention: grouped-query attention (Qwen2, Llama) and Multi-head Latent Attention (DeepSeek).
+
+Cache convention, shared by both: a layer's cache holds one row per sequence and one slot per
+position. `positions` (B, T) says where each new token goes (its slot == its rope position); a
+query at position p attends to slots 0..p of its own row (the mask comes from the model). Rows are
+independent, which is what continuous batching needs.
+
+MLA caches only the compressed latent c_kv and the shared rope key per token (kv_lora_rank +
+qk_rope_head_dim numbers) and attends against it directly with the up-projections absorbed:
+    q_nope . (W_uk c)  =  (W_uk^T q_nope) . c          (keys never expanded)
+    softmax(...) (W_uv c)  =  W_uv (softmax(...) c)    (values never expanded)
+Training (no cache) uses the plain "naive" form, which is cheaper when every position is a query.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.model.config import ModelConfig
+from r1kit.model.layers import RMSNorm, Rotary, softmax_scale
+
+
+def write_cache(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer (B, S, ...) [row, positions[row, t]] = values (B, T, ...)."""
+    rows = torch.arange(buffer.shape[0], device=buffer.device).unsqueeze(1).expand_as(positions)
+    buffer[rows, positions] = values.to(buffer.dtype)
+
+
+def attend(q, k, v, mask, scale, gqa: bool) -> torch.Tensor:
+    """q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, Dv). mask None means causal over T."""
+    causal = mask is None and q.shape[2] > 1
+    if gqa and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        if q.shape[2] == 1 or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  scale=scale, enable_gqa=True)
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+class GQAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.kv_heads
+        self.head_dim = config.attn_head_dim
+        qkv_bias = config.attention_bias
+        o_bias = config.attention_bias and config.model_type == "llama"
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.scale = self.head_dim ** -0.5
+
+    def new_cache(self, batch_size, max_seq_len, dtype, device):
+        shape = (batch_size, max_seq_len, self.n_kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, positions=None, kv_len=None):
+        B, T, _ = x.shape
+        q = rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = rotary.apply(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            k_cache, v_cache = cache
+            write_cache(k_cache, positions, k)
+            write_cache(v_cache, positions, v)
+            k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3), names as in the Hugging Face checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        qk_dim = self.nope_dim + self.rope_dim
+        bias = config.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
+        self.scale = softmax_scale(config, qk_dim)
+
+    def new_cache(self, batch_size, max_seq_len, dtype, device):
+        # one tensor per layer: [c_kv | k_rope] per slot; keys read it whole, values its first part
+        return torch.zeros(batch_size, max_seq_len, self.kv_lora_rank + self.rope_dim, dtype=dtype, device=device)
+
+    def cache_numel_per_token(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    def _queries(self, x):
+        B, T, _ = x.shape
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+    def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, positions=None, kv_len=None):
+        B, T, _ = x.shape
+        q_nope, q_rope = self._queries(x)
+        q_rope = rotary.apply(q_rope, cos, sin)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rope = rotary.apply(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, rope_dim): shared by heads
+        if cache is None:
+            out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, cache, positions, kv_len)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+
+    def _naive(self, q_nope, q_rope, c_kv, k_rope, mask):
+        B, T = c_kv.shape[:2]
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=False)
+        return out.transpose(1, 2)  # (B, T, H, v_dim)
+
+    def absorbed_weights(self):
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]  # W_uk (H, nope, C), W_uv (H, v, C)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, cache, positions, kv_len):
+        write_cache(cache, positions, torch.cat((c_kv, k_rope.squeeze(2)), dim=-1))
+        latent = cache[:, :kv_len].unsqueeze(1)  # (B, 1, S, C + R): one "head" shared by all
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))
+        query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C + R)
+        value = latent[..., : self.kv_lora_rank]
+        out = attend(query, latent, value, mask, self.scale, gqa=True)  # (B, H, T, C)
+        return torch.einsum("bhtc,hvc->bthv", out, w_uv.to(out.dtype))

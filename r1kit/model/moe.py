@@ -1,0 +1,150 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (V3 report §2.1.2).
+
+    h' = u + sum_shared FFN(u) + sum_{i in topk} g_i FFN_i(u)
+
+Routing (V3): affinity s_i = sigmoid(u . e_i). A per-expert bias b_i is added to s_i only to
+*choose* the experts (group-limited: keep the best `topk_group` of `n_group` groups, scored by the
+sum of each group's two best biased affinities, then the top-k inside them); the gates use the
+unbiased s_i, normalised over the chosen k, times `routed_scaling_factor`. After each optimizer
+step b_i moves by gamma against the expert's load (auxiliary-loss-free balancing). V2 routes by
+softmax affinity with a plain top-k.
+
+Dispatch sorts the (token, expert) pairs by expert so that each expert runs once, on exactly the
+tokens routed to it; no expert ever sees a token it was not chosen for.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.model.config import ModelConfig
+from r1kit.model.layers import MLP
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scoring_func = config.scoring_func
+        self.use_bias = config.topk_method == "noaux_tc"
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        # persistent: it is part of the checkpoint (HF name `e_score_correction_bias`)
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts), persistent=self.use_bias)
+
+    def forward(self, x: torch.Tensor):
+        """x (N, hidden) -> expert ids (N, k), gate weights (N, k), affinities (N, E)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float() if self.use_bias else scores
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.use_bias:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, self.n_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        gates = scores.gather(1, expert_ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return expert_ids, gates * self.routed_scaling_factor, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        n_tokens, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        xs = x[token_of]
+        if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            ys = self._grouped_mm(xs, counts)
+        else:
+            ys = self._loop(xs, counts.tolist())
+        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outs, start = [], 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            seg = xs[start:start + count]
+            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += count
+        return torch.cat(outs) if outs else xs[:0]
+
+    def _grouped_mm(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # GPU fast path: one grouped GEMM per projection over all experts (Hopper+ kernels)
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts else None
+        )
+        # tokens routed to each expert since the last bias update (training only)
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        expert_ids, gates, scores = self.gate(flat)
+        y = self.experts(flat, expert_ids, gates)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(expert_ids.reshape(-1), minlength=self.expert_load.numel())
+            if self.config.aux_loss_alpha > 0:
+                self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1))
+        return y.view(B, T, H)
+
+    def _sequence_balance_loss(self, scores, expert_ids):
+        """V3's complementary sequence-wise balance loss: alpha * sum_i f_i P_i per sequence."""
+        E, k = scores.shape[-1], expert_ids.shape[-1]
+        T = scores.shape[1]
+        probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        p = probs.mean(dim=1)  # (B, E)
+        counts = torch.zeros_like(p).scatter_add_(1, expert_ids.reshape(scores.shape[0], -1),
+                                                  torch.ones_like(expert_ids.reshape(scores.shape[0], -1), dtype=p.dtype))
+        f = counts * E / (k * T)
+        return self.config.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """b_i += gamma * sign(mean load - load_i): overloaded experts become less likely."""
+        load = self.expert_load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if self.gate.use_bias and load.sum() > 0:
+            self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()

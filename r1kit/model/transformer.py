@@ -1,0 +1,201 @@
+"""The decoder: one Transformer for Qwen2, Llama and DeepSeek-V3 (MLA + MoE + multi-token prediction).
+
+Module names follow the Hugging Face checkpoints (`model.layers.N.self_attn.q_proj`, ...), so a
+checkpoint maps onto this model almost one to one (see hf.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.model.attention import GQAttention, MLAttention
+from r1kit.model.config import ModelConfig
+from r1kit.model.layers import MLP, RMSNorm, Rotary
+from r1kit.model.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config) if config.is_mla else GQAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rotary, cos, sin, mask=None, cache=None, positions=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, mask, cache, positions, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module (V3 §2.2): predicts token i+2 from the main model's hidden state
+    at i and the embedding of token i+1, through one more block; embedding and output head are
+    shared with the main model. Stored as layer `num_hidden_layers` in DeepSeek's checkpoints."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, next_embeds, rotary, cos, sin):
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        return self.shared_head.norm(super().forward(x, rotary, cos, sin))
+
+
+@dataclass
+class Cache:
+    layers: list  # per layer: (k, v) for GQA, one latent tensor for MLA
+    max_seq_len: int
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            for t in layer if isinstance(layer, tuple) else (layer,):
+                t.zero_()
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        rope_dim = config.qk_rope_head_dim if config.is_mla else config.attn_head_dim
+        self.rotary = Rotary(config, rope_dim, interleave=config.is_mla and config.rope_interleave)
+        self.mtp = nn.ModuleList(
+            MTPLayer(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if any(p.is_meta for p in self.parameters()):
+            return
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        # scale the residual-stream outputs down with depth (GPT-2 style) for stable tiny training
+        depth_scale = 1 / math.sqrt(2 * max(self.config.num_hidden_layers, 1))
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                p.mul_(depth_scale)
+
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    # ------------------------------------------------------------------ forward
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> Cache:
+        max_seq_len = max_seq_len or self.config.max_position_embeddings
+        p = next(self.parameters())
+        dtype = dtype or (p.dtype if p.is_floating_point() else torch.float32)
+        device = device or p.device
+        layers = [blk.self_attn.new_cache(batch_size, max_seq_len, dtype, device) for blk in self.model.layers]
+        return Cache(layers, max_seq_len)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
+                kv_len: int | None = None, return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, V).
+
+        Without a cache: a causal pass over positions 0..T-1 (training, scoring).
+        With a cache: `positions` (B, T) are each token's slot; `kv_len` (optional) bounds the slots
+        attended, default max(positions) + 1.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("decoding with a cache needs `positions` (B, T): each token's slot")
+            positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
+        mask = None
+        if cache is not None:
+            kv_len = kv_len or int(positions.max()) + 1
+            if kv_len > cache.max_seq_len:
+                raise ValueError(f"sequence of {kv_len} tokens exceeds the cache ({cache.max_seq_len} slots)")
+            slots = torch.arange(kv_len, device=input_ids.device)
+            mask = (slots.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        for i, block in enumerate(self.model.layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, self.rotary, cos, sin, mask, layer_cache,
+                                                      positions, kv_len, use_reentrant=False)
+            else:
+                h = block(h, self.rotary, cos, sin, mask, layer_cache, positions, kv_len)
+        logits = self.output_head(self.model.norm(h))
+        return (logits, h) if return_hidden else logits
+
+    # ------------------------------------------------------------------ training
+    def loss(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy where loss_mask[:, 1:] is 1, plus the MTP and balance terms."""
+        logits, hidden = self.forward(input_ids, return_hidden=True)
+        targets = input_ids[:, 1:]
+        mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask[:, 1:].float()
+        lm_loss = masked_cross_entropy(logits[:, :-1], targets, mask)
+        total = lm_loss
+        out = {"lm_loss": lm_loss}
+        mtp_loss = torch.zeros((), device=input_ids.device)
+        if len(self.mtp) and input_ids.shape[1] > 2:
+            emb = self.model.embed_tokens
+            h = hidden
+            for depth, layer in enumerate(self.mtp, start=1):
+                # position i sees h_i and the embedding of token i+depth; predicts token i+depth+1
+                T = h.shape[1] - 1
+                pos = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(h.shape[0], T)
+                cos, sin = self.rotary.cos_sin(pos, h.dtype)
+                h = layer(h[:, :-1], emb(input_ids[:, depth:depth + T]), self.rotary, cos, sin)
+                tgt = input_ids[:, depth + 1:depth + 1 + T]
+                n = tgt.shape[1]
+                if n == 0:
+                    break
+                m = mask[:, depth:depth + n]
+                mtp_loss = mtp_loss + masked_cross_entropy(self.output_head(h[:, :n]), tgt, m)
+            mtp_loss = mtp_loss / len(self.mtp)
+            total = total + self.config.mtp_loss_weight * mtp_loss
+        out["mtp_loss"] = mtp_loss
+        aux = sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), torch.zeros((), device=input_ids.device))
+        out["aux_loss"] = aux
+        out["loss"] = total + aux
+        return out
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def update_router_bias(self, gamma: float | None = None) -> None:
+        """Auxiliary-loss-free balancing step; call after each optimizer step (no-op when dense)."""
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        for moe in self.moe_layers():
+            moe.update_bias(gamma)
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    mask = mask.reshape(-1).to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
