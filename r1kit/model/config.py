@@ -73,6 +73,8 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ derived
     def __post_init__(self):
+        if self.model_type == "qwen2":
+            self.attention_bias = True  # Qwen2 always has q/k/v biases (never on o_proj)
         self.validate()
 
     @property
@@ -188,8 +190,6 @@ class ModelConfig:
                 values[key] = value
             else:
                 extra[key] = value
-        if model_type == "qwen2":
-            values["attention_bias"] = True  # Qwen2 always has q/k/v biases (never o_proj)
         if model_type in ("qwen2", "llama"):
             values.setdefault("n_routed_experts", None)
         if values.get("rope_scaling") is not None and not isinstance(values["rope_scaling"], dict):
@@ -197,8 +197,6 @@ class ModelConfig:
         if values.get("rope_scaling") and (values["rope_scaling"].get("rope_type") or
                                            values["rope_scaling"].get("type")) == "default":
             values["rope_scaling"] = None
-        if "seq_aux" in extra and "aux_loss_alpha" not in values:
-            pass
         try:
             return cls(**values, extra=extra)
         except TypeError as err:

@@ -93,10 +93,8 @@ def hf_to_r1kit(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name, t in state.items():
         m = _LAYER.match(name)
-        if m and int(m.group(1)) >= L:  # an MTP layer
+        if m and config.is_mla and L <= int(m.group(1)) < L + config.num_nextn_predict_layers:  # MTP
             k, rest = int(m.group(1)) - L, m.group(2)
-            if k >= config.num_nextn_predict_layers:
-                continue  # MTP weights the config does not ask for (a model loaded without MTP)
             if rest in _MTP_COPIES:
                 continue  # copies of the shared embedding / head
             name = f"mtp.{k}.{rest}"

@@ -22,6 +22,10 @@ from torch import nn
 from r1kit.model.config import ModelConfig
 from r1kit.model.layers import MLP
 
+# One grouped GEMM over all experts (CPU kernels since torch 2.10, CUDA SM80+); the per-expert
+# loop is the fallback for older torch.
+_grouped_mm = getattr(F, "grouped_mm", None)
+
 
 class Router(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -73,31 +77,38 @@ class Experts(nn.Module):
         flat = expert_ids.reshape(-1)
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
         token_of = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        # a fixed-size histogram (bincount's size depends on the data, which breaks torch.compile graphs)
+        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))
         xs = x[token_of]
-        if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            ys = self._grouped_mm(xs, counts)
+        if self._can_group(xs):
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+            ys = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
         else:
             ys = self._loop(xs, counts.tolist())
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
+    def _can_group(self, xs: torch.Tensor) -> bool:
+        # the grouped kernels need 16-byte aligned rows (and bf16 on CUDA)
+        if _grouped_mm is None or xs.shape[0] == 0 or (xs.is_cuda and xs.dtype != torch.bfloat16):
+            return False
+        width = xs.element_size()
+        return all(d * width % 16 == 0 for d in self.down_proj.shape[1:])
+
     def _loop(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # one unbind (not E selects): its backward stacks the per-expert gradients once
         outs, start = [], 0
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             seg = xs[start:start + count]
-            gate, up = F.linear(seg, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            gate, up = F.linear(seg, gate_up[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, down[e]))
             start += count
         return torch.cat(outs) if outs else xs[:0]
-
-    def _grouped_mm(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # GPU fast path: one grouped GEMM per projection over all experts (Hopper+ kernels)
-        offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
 
 
 class MoE(nn.Module):
@@ -123,7 +134,7 @@ class MoE(nn.Module):
             y = y + self.shared_experts(flat)
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(expert_ids.reshape(-1), minlength=self.expert_load.numel())
+                self.expert_load.index_add_(0, expert_ids.reshape(-1), torch.ones_like(expert_ids.reshape(-1), dtype=self.expert_load.dtype))
             if self.config.aux_loss_alpha > 0:
                 self.aux_loss = self._sequence_balance_loss(scores.view(B, T, -1), expert_ids.view(B, T, -1))
         return y.view(B, T, H)

@@ -1,0 +1,110 @@
+"""Training-step throughput: r1kit's model vs transformers' own, same configs, same weights.
+
+One step = forward + backward + AdamW on a (batch, seq) block of random tokens. The two sides are
+timed in alternating rounds in one process (this machine is noisy; only the ratio means much).
+
+    HF_HUB_OFFLINE=1 python bench/train_step.py [--batch 8 --seq 128 --rounds 5 --steps 3]
+
+Last line: a JSON object with deepseek_v3_speedup and qwen2_speedup (ours / transformers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import r1kit  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def configs():
+    # the shapes of r1kit's `tiny` presets: what the embedded default trains on this CPU
+    ds = transformers.DeepseekV3Config(
+        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=2, first_k_dense_replace=1, q_lora_rank=96,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=512,
+        num_nextn_predict_layers=0)
+    qwen = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    return {"deepseek_v3": (transformers.DeepseekV3ForCausalLM, ds), "qwen2": (transformers.Qwen2ForCausalLM, qwen)}
+
+
+def make_step(model, is_hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids):
+        if is_hf:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model.loss(ids)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not is_hf:
+            model.update_router_bias()
+        return loss.item()
+
+    return step
+
+
+def bench(name, cls, cfg, args):
+    torch.manual_seed(0)
+    hf_model = cls(cfg).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        ours, _ = r1kit.load(tmp)
+    ours.train()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # same weights, same function
+        diff = (ours(ids) - hf_model(ids).logits).abs().max().item()
+    steps = {"r1kit": make_step(ours, False), "transformers": make_step(hf_model, True)}
+    for fn in steps.values():  # warm-up
+        fn(ids)
+    times = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for side, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn(ids)
+            times[side].append((time.perf_counter() - t0) / args.steps)
+    tokens = args.batch * args.seq
+    tps = {side: tokens / statistics.median(ts) for side, ts in times.items()}
+    speedup = tps["r1kit"] / tps["transformers"]
+    print(f"{name:12s} r1kit {tps['r1kit']:9.0f} tok/s   transformers {tps['transformers']:9.0f} tok/s   "
+          f"speedup {speedup:.2f}x   (initial logits max diff {diff:.1e})")
+    return tps, speedup
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch} x seq {args.seq}, fwd+bwd+AdamW")
+    figures = {}
+    for name, (cls, cfg) in configs().items():
+        tps, speedup = bench(name, cls, cfg, args)
+        figures[f"{name}_speedup"] = round(speedup, 3)
+        figures[f"{name}_r1kit_tokens_per_s"] = round(tps["r1kit"], 1)
+        figures[f"{name}_transformers_tokens_per_s"] = round(tps["transformers"], 1)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The model family: parity with transformers, caches, MLA absorption, MoE dispatch, balancing, MTP."""
+import json
+import warnings
+
+import pytest
+import torch
+
+import r1kit
+from r1kit.model import ModelConfig, Transformer
+from r1kit.model.moe import MoE
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore")
+
+
+def _ds_config(**kw):
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                max_position_embeddings=256)
+    base.update(kw)
+    return transformers.DeepseekV3Config(**base)
+
+
+def _hf_models():
+    torch.manual_seed(0)
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=128,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}))
+    ds = transformers.DeepseekV3ForCausalLM(_ds_config(rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}))
+    ds_lite = transformers.DeepseekV3ForCausalLM(_ds_config(q_lora_rank=None, n_group=1, topk_group=1))
+    with torch.no_grad():  # a non-zero balancing bias must change the choice of experts the same way
+        for m in (ds, ds_lite):
+            for layer in m.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return {"qwen2": qwen, "llama": llama, "deepseek_v3": ds, "deepseek_v3_no_q_lora": ds_lite}
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    return {k: m.eval() for k, m in _hf_models().items()}
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama", "deepseek_v3", "deepseek_v3_no_q_lora"])
+def test_logits_parity_with_transformers_both_ways(hf_models, name, tmp_path):
+    hf_model = hf_models[name]
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours, _ = r1kit.load(tmp_path / "hf")
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf_model(ids).logits
+        got = ours(ids)
+    assert got.shape == (2, 24, 96)
+    assert (got - ref).abs().max().item() <= 1e-4
+    # r1kit's folder loads in transformers unchanged and gives the same logits
+    r1kit.save(ours, None, tmp_path / "ours")
+    back = type(hf_model).from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(ids).logits - got).abs().max().item() <= 1e-4
+
+
+def test_saved_deepseek_config_carries_deepseek_keys(tmp_path):
+    model = Transformer(ModelConfig.preset("tiny"))
+    r1kit.save(model, None, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key in ("scoring_func", "topk_method", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
+                "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "n_routed_experts", "first_k_dense_replace",
+                "num_nextn_predict_layers", "moe_layer_freq", "rope_theta", "rope_scaling"):
+        assert key in cfg, key
+    # MTP weights go to layer num_hidden_layers, as in DeepSeek's release, and come back
+    reloaded, _ = r1kit.load(tmp_path / "m")
+    assert len(reloaded.mtp) == 1
+    for (k, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_sharded_save_round_trip(tmp_path):
+    model = Transformer(ModelConfig.preset("tiny-dense"))
+    r1kit.save(model, None, tmp_path / "m", max_shard_bytes=200_000)
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    back, _ = r1kit.load(tmp_path / "m")
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), back(ids))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_incremental_decoding_equals_full_forward(preset):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset(preset)).eval()
+    ids = torch.randint(0, 512, (3, 16))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(3, 32)
+        pos = torch.arange(16).expand(3, 16)
+        pieces = [model(ids[:, :5], positions=pos[:, :5], cache=cache)]
+        for t in range(5, 16):
+            pieces.append(model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache))
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-4
+
+
+def test_rows_at_different_positions_are_independent():
+    """Continuous batching: a row restarted at slot 0 while another is mid-sequence."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    a, b = torch.randint(0, 512, (1, 10)), torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        ref_a, ref_b = model(a)[0, -1], model(b)[0, -1]
+        cache = model.new_cache(2, 16)
+        model(a[:, :9], positions=torch.arange(9).unsqueeze(0), cache=_row(cache, 0))
+        # row 1 holds stale data from an earlier sequence: it must be ignored
+        model(torch.randint(0, 512, (1, 12)), positions=torch.arange(12).unsqueeze(0), cache=_row(cache, 1))
+        model(b[:, :5], positions=torch.arange(5).unsqueeze(0), cache=_row(cache, 1))
+        step = torch.stack([a[0, 9], b[0, 5]]).unsqueeze(1)
+        out = model(step, positions=torch.tensor([[9], [5]]), cache=cache)
+    assert (out[0, -1] - ref_a).abs().max() < 1e-4
+    assert (out[1, -1] - ref_b).abs().max() < 1e-4
+
+
+def _row(cache, i):
+    from r1kit.model.transformer import Cache
+    layers = [tuple(t[i:i + 1] for t in layer) if isinstance(layer, tuple) else layer[i:i + 1]
+              for layer in cache.layers]
+    return Cache(layers, cache.max_seq_len)
+
+
+def test_absorbed_mla_equals_naive_and_caches_only_latent():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    model = Transformer(cfg).eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 7, cfg.hidden_size)
+    pos = torch.arange(7).expand(2, 7)
+    cos, sin = model.rotary.cos_sin(pos, x.dtype)
+    with torch.no_grad():
+        naive = attn(x, model.rotary, cos, sin)
+        cache = attn.new_cache(2, 8, torch.float32, "cpu")
+        slots = torch.arange(8)
+        mask = (slots.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)[..., :7]
+        absorbed = attn(x, model.rotary, cos, sin, mask, cache, pos, 7)
+    assert (naive - absorbed).abs().max().item() < 1e-5
+    assert cache.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim  # only c_kv and the rope key
+
+
+def _dense_moe_reference(moe: MoE, x):
+    """Every expert on every token, weighted by a dense gate matrix: the definition, slowly."""
+    flat = x.reshape(-1, x.shape[-1])
+    ids, gates, _ = moe.gate(flat)
+    dense_gates = torch.zeros(flat.shape[0], moe.experts.gate_up_proj.shape[0]).scatter(1, ids, gates)
+    out = torch.zeros_like(flat)
+    for e in range(dense_gates.shape[1]):
+        g, u = torch.nn.functional.linear(flat, moe.experts.gate_up_proj[e]).chunk(2, -1)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, moe.experts.down_proj[e])
+        out += dense_gates[:, e:e + 1] * y
+    return (out + moe.shared_experts(flat)).view_as(x)
+
+
+@pytest.mark.parametrize("moe_intermediate_size", [96, 6])  # grouped GEMM kernel, per-expert loop
+def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", routed_scaling_factor=2.5, moe_intermediate_size=moe_intermediate_size)
+    moe = Transformer(cfg).model.layers[1].mlp.eval()
+    moe.gate.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(3, 11, cfg.hidden_size)
+    with torch.no_grad():
+        assert (moe(x) - _dense_moe_reference(moe, x)).abs().max().item() < 1e-5
+
+
+def test_group_limited_routing_keeps_chosen_experts_in_topk_groups():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    gate = Transformer(cfg).model.layers[1].mlp.gate
+    ids, gates, _ = gate(torch.randn(50, cfg.hidden_size))
+    groups = ids // 4
+    assert all(len(set(row.tolist())) <= 2 for row in groups)
+    assert torch.allclose(gates.sum(-1), torch.full((50,), cfg.routed_scaling_factor), atol=1e-5)
+
+
+def test_balancing_bias_moves_load_toward_uniform():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", n_group=1, topk_group=1)
+    moe = Transformer(cfg).model.layers[1].mlp.train()
+    with torch.no_grad():  # skew the router: expert 0 and 1 win almost everything
+        moe.gate.weight[:2] += 0.5 * torch.randn(cfg.hidden_size).sign()
+    x = torch.randn(4, 64, cfg.hidden_size)
+    x = x + 0.5 * moe.gate.weight[:2].sum(0)
+
+    def imbalance():
+        moe.expert_load.zero_()
+        with torch.no_grad():
+            moe(x)
+        load = moe.expert_load.clone()
+        moe.expert_load.zero_()
+        return (load.max() / load.mean()).item()
+
+    before = imbalance()
+    for _ in range(60):
+        with torch.no_grad():
+            moe(x)
+        moe.update_bias(0.05)
+    after = imbalance()
+    assert before > 2.0
+    assert after < before / 1.5
+    # the bias only chooses experts: gates still come from the unbiased affinities
+    ids, gates, scores = moe.gate(x.reshape(-1, cfg.hidden_size))
+    expect = scores.gather(1, ids)
+    assert torch.allclose(gates, expect / expect.sum(-1, keepdim=True) * cfg.routed_scaling_factor, atol=1e-6)
+
+
+def test_sequence_balance_loss_and_mtp_loss_train():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", aux_loss_alpha=0.01, vocab_size=32, hidden_size=64, num_hidden_layers=2)
+    model = Transformer(cfg).train()
+    data = torch.arange(32).repeat(2, 2)[:, :40]  # a learnable pattern: counting mod 32
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(30):
+        out = model.loss(data)
+        assert out["aux_loss"].item() > 0 and out["mtp_loss"].item() > 0
+        if first is None:
+            first = {k: v.item() for k, v in out.items()}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.update_router_bias()
+    assert model.mtp[0].eh_proj.weight.grad is not None
+    assert out["mtp_loss"].item() < first["mtp_loss"] * 0.5
+    assert out["lm_loss"].item() < first["lm_loss"] * 0.5
+
+
+def test_presets_instantiate_on_meta_with_real_sizes():
+    sizes = {}
+    for name in ("deepseek-v3", "deepseek-v2-lite", "r1-distill-qwen-1.5b", "r1-distill-qwen-7b",
+                 "r1-distill-llama-8b"):
+        with torch.device("meta"):
+            sizes[name] = Transformer(ModelConfig.preset(name)).num_parameters() / 1e9
+    # DeepSeek-V3: 671B main model + the MTP module (its embedding and head are shared here)
+    assert 680 < sizes["deepseek-v3"] < 686
+    assert 15.5 < sizes["deepseek-v2-lite"] < 16.0
+    assert 1.7 < sizes["r1-distill-qwen-1.5b"] < 1.8
+    assert 7.5 < sizes["r1-distill-qwen-7b"] < 7.7
+    assert 8.0 < sizes["r1-distill-llama-8b"] < 8.1
+
+
+def test_config_round_trips_through_hf_keys():
+    for name in ("tiny", "deepseek-v3", "r1-distill-llama-8b", "r1-distill-qwen-7b"):
+        cfg = ModelConfig.preset(name)
+        again = ModelConfig.from_hf(cfg.to_hf())
+        assert again.to_hf() == cfg.to_hf()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_configs_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        ModelConfig.from_hf({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="'hidden_size' is missing"):
+        ModelConfig.from_hf({"model_type": "qwen2", "vocab_size": 10, "num_hidden_layers": 1,
+                             "num_attention_heads": 2})
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        ModelConfig.preset("tiny", num_experts_per_tok=9)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("gpt-5")
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        r1kit.load(tmp_path / "nothing")
+
+
+def test_bad_checkpoints_fail_loudly_naming_tensor_and_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = Transformer(ModelConfig.preset("tiny-dense"))
+    r1kit.save(model, None, tmp_path / "ok")
+    weights = tmp_path / "ok" / "model.safetensors"
+    state = load_file(weights)
+
+    def variant(name, mutate):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+        s = dict(state)
+        mutate(s)
+        save_file(s, str(folder / "model.safetensors"))
+        return folder
+
+    missing = variant("missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        r1kit.load(missing)
+    shaped = variant("shape", lambda s: s.__setitem__("model.norm.weight", torch.ones(7)))
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(7,\)"):
+        r1kit.load(shaped)
+    extra = variant("extra", lambda s: s.__setitem__("model.layers.9.foo.weight", torch.ones(2)))
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        r1kit.load(extra)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        r1kit.load(corrupt)
+
+
+def test_failed_save_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
+    model = Transformer(ModelConfig.preset("tiny-dense"))
+    r1kit.save(model, None, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    class Broken:
+        def save(self, folder):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        r1kit.save(Transformer(ModelConfig.preset("tiny-dense")), Broken(), tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial folder left behind
