@@ -323,3 +323,12 @@ def test_failed_save_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
         r1kit.save(Transformer(ModelConfig.preset("tiny-dense")), Broken(), tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial folder left behind
+
+
+def test_info_counts_deepseek_v3_as_published():
+    from r1kit.model.info import describe
+
+    info = describe(ModelConfig.preset("deepseek-v3"))
+    assert 670e9 < info["parameters_without_mtp"] < 672e9  # "671B total"
+    assert 36.5e9 < info["active_parameters_per_token"] < 38e9  # "37B activated"
+    assert info["kv_cache_numel_per_token_per_layer"] == 512 + 64  # latent + shared rope key
