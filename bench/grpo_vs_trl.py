@@ -1,0 +1,228 @@
+"""r1kit's GRPO against TRL's GRPOTrainer: the same model, task, group size, completion length and
+number of steps, in one run, for a tiny Qwen2 (hidden 256, 4 layers) and a ~25M one (hidden 512, 8).
+
+    python bench/grpo_vs_trl.py                 # both sizes
+    python bench/grpo_vs_trl.py --sizes tiny --steps 6
+
+For each size:
+1. a base: a Qwen2 with r1kit's char tokenizer, briefly pretrained (by r1kit) on one-digit additions
+   whose worked solutions come half from a solver that forgets the carry, saved as a Hugging Face
+   folder - transformers loads it for TRL, r1kit for r1kit: both start from the same weights;
+2. GRPO with identical settings: `num_generations`, prompts per step, `max_completion_length`,
+   temperature 1, learning rate, beta 0, loss "grpo", group-std scaling, one iteration, the same
+   reward function and prompt order (TRL on CPU needs bf16=False);
+3. seconds per step (median over the steps, so the first step's warm-up does not count; wall time and,
+   since the machine is shared, CPU time of this single-threaded process too) and held-out
+   pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6).
+The last line is JSON: step_speedup_tiny, step_speedup_25m, accuracy_delta (r1kit minus TRL, points,
+averaged over the sizes) and the per-size figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import r1kit  # noqa: E402
+from r1kit.model import ModelConfig, Transformer  # noqa: E402
+from r1kit.tasks.arithmetic import ArithmeticTask  # noqa: E402
+from r1kit.tokenizer import train_tokenizer  # noqa: E402
+from r1kit.train import grpo  # noqa: E402
+
+TEMPLATE = "{prompt}<think>"
+SIZES = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    "25m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
+}
+TASK = ArithmeticTask(difficulty=1)
+
+
+def problems():
+    rows = [{"prompt": f"{a}+{b}", "answer": str(a + b), "task": "arithmetic", "meta": {"a": a, "b": b, "op": "+"}}
+            for a in range(1, 10) for b in range(1, 10)]
+    carry = [s for s in rows if s["meta"]["a"] + s["meta"]["b"] >= 10]
+    random.Random(0).shuffle(carry)
+    held_out = carry[:12]
+    return [s for s in rows if s not in held_out], held_out, rows
+
+
+def reward(text: str, sample: dict) -> float:
+    return float(TASK.verify(text, sample))
+
+
+def pretrain(model, tok, rows, seconds: float, lr: float) -> int:
+    rng = random.Random(0)
+    eos = tok.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    start, step = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        batch = []
+        for s in (rng.choice(rows) for _ in range(32)):
+            steps, answer = TASK.worked_solution(s, sloppy=rng.random() < 0.5)
+            p = tok.encode(TEMPLATE.replace("{prompt}", s["prompt"]), add_special_tokens=True)
+            batch.append((p, tok.encode(steps + "</think>" + answer) + [eos]))
+        width = max(len(p) + len(c) for p, c in batch)
+        ids, mask = torch.full((len(batch), width), eos), torch.zeros(len(batch), width)
+        for i, (p, c) in enumerate(batch):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, len(p):len(p) + len(c)] = 1
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 20)
+        loss = model.loss(ids, mask)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+    model.eval()
+    return step
+
+
+def run_trl(folder: Path, train, args, workdir: Path) -> tuple[list[float], Path]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    order = _prompt_order(train, args)
+    ds = Dataset.from_list([{"prompt": TEMPLATE.replace("{prompt}", s["prompt"]), "answer": s["answer"],
+                             "a": s["meta"]["a"], "b": s["meta"]["b"]} for s in order])
+
+    def trl_reward(completions, answer, a, b, **_):
+        return [reward(c, {"answer": x, "meta": {"a": aa, "b": bb, "op": "+"}}) for c, x, aa, bb in
+                zip(completions, answer, a, b)]
+
+    B = args.prompts * args.num_generations
+    config = TRLConfig(
+        output_dir=str(workdir / "trl"), per_device_train_batch_size=B, gradient_accumulation_steps=1,
+        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
+        beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, top_p=1.0,
+        epsilon=0.2, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
+        bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+        shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0,
+    )
+    times: list[tuple[float, float]] = []  # (wall, cpu) seconds per step
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = (time.perf_counter(), time.process_time())
+
+        def on_step_end(self, *a, **k):
+            times.append((time.perf_counter() - self.t[0], time.process_time() - self.t[1]))
+
+    trainer = GRPOTrainer(model=hf_model, reward_funcs=trl_reward, args=config, train_dataset=ds,
+                          processing_class=hf_tok, callbacks=[Clock()])
+    trainer.train()
+    out = workdir / "trl-final"
+    hf_model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return times, out
+
+
+def _prompt_order(train, args) -> list[dict]:
+    """The prompts of every step, in order: both trainers see the same questions."""
+    rng = random.Random(1)
+    return [rng.choice(train) for _ in range(args.steps * args.prompts)]
+
+
+def run_r1kit(folder: Path, train, args) -> tuple[list[float], object]:
+    model, tok = r1kit.load(folder)
+    order = _prompt_order(train, args)
+    config = grpo.GRPOConfig(
+        template=TEMPLATE, num_generations=args.num_generations, batch_size=args.prompts * args.num_generations,
+        max_completion_length=args.max_completion_length, learning_rate=args.learning_rate, max_steps=args.steps,
+        beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, epsilon=0.2,
+        max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, progress=False, seed=0,
+        shuffle_dataset=False,  # the same prompts per step as TRL's unshuffled sampler
+    )
+    cpu = [time.process_time()]
+    result = grpo.train_grpo(config, model, tok, train_samples=order, reward_fn=reward,
+                             callback=lambda m: cpu.append(time.process_time()))
+    # the first step's CPU time also holds the setup; the median ignores it
+    times = [(h["time/step"], b - a) for h, a, b in zip(result.history, cpu, cpu[1:])]
+    return times, model
+
+
+def held_out_pass1(model, tok, held_out, args) -> float:
+    cfg = grpo.GRPOConfig(template=TEMPLATE, max_completion_length=args.max_completion_length)
+    return grpo.evaluate_pass1(model, tok, held_out, cfg, verify=lambda t, s: reward(t, s) >= 1.0, k=args.k)["pass@1"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,25m")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    ap.add_argument("--num-generations", type=int, default=8)
+    ap.add_argument("--max-completion-length", type=int, default=48)
+    ap.add_argument("--learning-rate", type=float, default=2e-4)
+    ap.add_argument("--pretrain-seconds", default="tiny=90,25m=180")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    budgets = dict(kv.split("=") for kv in args.pretrain_seconds.split(","))
+    train, held_out, everything = problems()
+    tok = train_tokenizer([], kind="char")
+    figures: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            work = Path(tmp) / size
+            torch.manual_seed(0)
+            cfg = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, max_position_embeddings=256,
+                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, **SIZES[size])
+            model = Transformer(cfg)
+            n_params = model.num_parameters()
+            steps = pretrain(model, tok, everything, float(budgets[size]), lr=1e-3 if size == "25m" else 2e-3)
+            base = work / "base"
+            r1kit.save(model, tok, base)
+            base_acc = held_out_pass1(model, tok, held_out, args)
+            print(f"[{size}] Qwen2 {n_params / 1e6:.1f}M params, pretrained {steps} steps; base held-out pass@1 "
+                  f"{100 * base_acc:.1f}%", flush=True)
+            # interleaved in one run, r1kit first then TRL; each from the same saved base
+            r1_times, r1_model = run_r1kit(base, train, args)
+            r1_acc = held_out_pass1(r1_model, tok, held_out, args)
+            trl_times, trl_folder = run_trl(base, train, args, work)
+            trl_model, _ = r1kit.load(trl_folder)
+            trl_acc = held_out_pass1(trl_model, tok, held_out, args)
+            r1_step, trl_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times))
+            r1_cpu, trl_cpu = (statistics.median(t[1] for t in ts) for ts in (r1_times, trl_times))
+            figures[size] = {
+                "params_m": round(n_params / 1e6, 2), "r1kit_s_per_step": round(r1_step, 3),
+                "trl_s_per_step": round(trl_step, 3), "step_speedup": round(trl_step / r1_step, 2),
+                "r1kit_cpu_s_per_step": round(r1_cpu, 3), "trl_cpu_s_per_step": round(trl_cpu, 3),
+                "cpu_speedup": round(trl_cpu / r1_cpu, 2),
+                "base_pass1": round(100 * base_acc, 1), "r1kit_pass1": round(100 * r1_acc, 1),
+                "trl_pass1": round(100 * trl_acc, 1), "accuracy_delta": round(100 * (r1_acc - trl_acc), 1),
+            }
+            f = figures[size]
+            print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
+                  f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
+                  f"(base {f['base_pass1']}%)", flush=True)
+    out = {f"step_speedup_{k}": v["step_speedup"] for k, v in figures.items()}
+    out["accuracy_delta"] = round(statistics.mean(v["accuracy_delta"] for v in figures.values()), 1)
+    out.update({"steps": args.steps, "num_generations": args.num_generations, "prompts_per_step": args.prompts,
+                "max_completion_length": args.max_completion_length, "eval_k": args.k, "sizes": figures})
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
