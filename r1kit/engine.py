@@ -27,7 +27,7 @@ import torch
 from r1kit.model import Cache
 
 FINISH_REASONS = ("stop", "length")
-PREFILL_LOGITS_BUDGET = 1 << 27  # floats of (rows x tokens x vocab) logits one prefill forward may make
+PREFILL_ACTIVATION_BUDGET = 1 << 27  # floats of (rows x tokens x hidden x 16) one prefill forward may hold
 
 
 # ---------------------------------------------------------------------------- parameters and results
@@ -334,7 +334,8 @@ class Engine:
         P = len(prompts)
         lengths = [len(p) for p in prompts]
         L = max(lengths)
-        per_forward = max(1, PREFILL_LOGITS_BUDGET // (L * self.vocab_size))
+        # the head runs on each row's last token only, so activations bound the chunk, not logits
+        per_forward = max(1, PREFILL_ACTIVATION_BUDGET // (L * self.model.config.hidden_size * 16))
         out = []
         for a in range(0, P, per_forward):
             chunk = prompts[a:a + per_forward]
@@ -347,9 +348,9 @@ class Engine:
                 target, scratch = _map_cache(cache, lambda t, a=a, m=len(chunk): t[a:a + m]), None
             else:  # a scratch cache, copied into the scattered rows afterwards
                 target = scratch = self.model.new_cache(len(chunk), L)
-            logits = self.model(ids, positions=positions, cache=target, kv_len=L)
-            last = torch.tensor([len(p) - 1 for p in chunk], device=self.device)
-            out.append(logits[torch.arange(len(chunk), device=self.device), last])
+            last = torch.tensor([[len(p) - 1] for p in chunk], device=self.device)
+            logits = self.model(ids, positions=positions, cache=target, kv_len=L, logits_at=last)
+            out.append(logits[:, 0])
             if scratch is not None:
                 dst = torch.tensor(list(rows[a:a + len(chunk)]), device=self.device)
                 _copy_rows(cache, dst, scratch, torch.arange(len(chunk), device=self.device), L)

@@ -14,7 +14,6 @@ tensors, not nn.Linear) and the router.
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -106,11 +105,8 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = SKIP_DEFAULT) -> Qua
                 continue
             setattr(module, child_name, Int8Linear.from_linear(child))
             report.quantized.append(full)
-    # The output head is applied as F.linear(h, lm_head.weight) by the model; route it through the
-    # (now int8) module instead. Tied heads share the embedding and stay in full precision.
-    lm_head = getattr(model, "lm_head", None)
-    if isinstance(lm_head, Int8Linear) and hasattr(model, "output_head"):
-        model.output_head = types.MethodType(lambda self, h: self.lm_head(h), model)
+    # an untied output head is a module call in the model, so it is now int8 too; a tied head
+    # shares the embedding matrix and stays in full precision
     report.bytes_after = model_bytes(model)
     return report
 

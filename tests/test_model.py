@@ -332,3 +332,15 @@ def test_info_counts_deepseek_v3_as_published():
     assert 670e9 < info["parameters_without_mtp"] < 672e9  # "671B total"
     assert 36.5e9 < info["active_parameters_per_token"] < 38e9  # "37B activated"
     assert info["kv_cache_numel_per_token_per_layer"] == 512 + 64  # latent + shared rope key
+
+
+def test_logits_at_selected_positions_equal_full_logits():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    ids = torch.randint(0, 512, (2, 12))
+    where = torch.tensor([[3, 11], [0, 7]])
+    with torch.no_grad():
+        full = model(ids)
+        some = model(ids, logits_at=where)
+    assert some.shape == (2, 2, 512)
+    assert torch.allclose(some, full.gather(1, where.unsqueeze(-1).expand(-1, -1, 512)), atol=1e-6)

@@ -102,8 +102,9 @@ class Transformer(nn.Module):
                 p.mul_(depth_scale)
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        if self.lm_head is not None:
+            return self.lm_head(h)  # a module call, so a quantized head replaces it cleanly
+        return F.linear(h, self.model.embed_tokens.weight)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -121,12 +122,15 @@ class Transformer(nn.Module):
         return Cache(layers, max_seq_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
-                kv_len: int | None = None, return_hidden: bool = False):
+                kv_len: int | None = None, return_hidden: bool = False, logits_at: torch.Tensor | None = None):
         """input_ids (B, T) -> logits (B, T, V).
 
         Without a cache: a causal pass over positions 0..T-1 (training, scoring).
         With a cache: `positions` (B, T) are each token's slot; `kv_len` (optional) bounds the slots
         attended, default max(positions) + 1.
+        `logits_at` (B, K) indices into T: the output head runs on those positions only and the
+        logits are (B, K, V) -- a prefill needs one position per row, GRPO only the completion's;
+        with a 150k vocabulary the head is most of the memory of a long forward.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -149,7 +153,8 @@ class Transformer(nn.Module):
                                                       positions, kv_len, use_reentrant=False)
             else:
                 h = block(h, self.rotary, cos, sin, mask, layer_cache, positions, kv_len)
-        logits = self.output_head(self.model.norm(h))
+        out = h if logits_at is None else h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        logits = self.output_head(self.model.norm(out))
         return (logits, h) if return_hidden else logits
 
     # ------------------------------------------------------------------ training

@@ -379,9 +379,7 @@ def completion_logprobs(model, rollout: Rollout, temperature: float, entropy: bo
         input_ids[i, len(p):len(p) + n] = rollout.completion_ids[i, :n]
     # where each completion token's logits are: (B, C), clamped inside the row for padding
     where = (prompt_lens.unsqueeze(1) - 1 + torch.arange(C)).clamp(max=total - 1)
-    logits = model(input_ids.to(device))
-    V = logits.shape[-1]
-    logits = logits.gather(1, where.to(device).unsqueeze(-1).expand(B, C, V))
+    logits = model(input_ids.to(device), logits_at=where.to(device))  # (B, C, V): completion positions only
     logprobs = selective_log_softmax(logits, rollout.completion_ids.to(device), temperature)
     ent = None
     if entropy:
