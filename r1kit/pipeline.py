@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from r1kit.checkpoint import atomic_dir, atomic_write_text
+from r1kit.synthetic import worked_completion, worked_corpus
 
 DONE = "DONE"
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -363,26 +364,11 @@ def training_samples(stage: dict, ctx: Context, n: int, seed: int) -> list[dict]
     return samples[:n]
 
 
-def worked_completion(reasoning: str, answer: str) -> str:
-    """The completion the miniature base learns: the thinking (opened by the prompt), closed, then
-    the answer in R1-Zero's tags: `...steps...\\n</think>\\n\\n<answer>N</answer>`."""
-    return f"{reasoning}\n</think>\n\n<answer>{answer}</answer>"
-
-
 def pretraining_corpus(stage: dict, ctx: Context) -> tuple[list[dict], dict]:
     """Prompt + worked solution pairs; `sloppy_fraction` of them by the task's systematic wrong
     solver, so the base can sample right and wrong answers - something for RL to sharpen."""
-    task = task_of(stage)
-    rng = random.Random(f"corpus-{stage['seed']}")
-    rows, sloppy, wrong = [], 0, 0
-    for sample in training_samples(stage, ctx, stage["num_documents"], seed=stage["seed"]):
-        is_sloppy = rng.random() < stage["sloppy_fraction"]
-        reasoning, answer = task.worked_solution(sample, rng, sloppy=is_sloppy)
-        completion = worked_completion(reasoning, answer)
-        sloppy += is_sloppy
-        wrong += not task.verify(completion, sample)
-        rows.append({"prompt": sample["prompt"], "completion": completion})
-    return rows, {"documents": len(rows), "sloppy_documents": sloppy, "wrong_answers_in_corpus": wrong}
+    samples = training_samples(stage, ctx, stage["num_documents"], seed=stage["seed"])
+    return worked_corpus(task_of(stage), samples, stage["num_documents"], stage["sloppy_fraction"], stage["seed"])
 
 
 # ================================================================================ stage runners
