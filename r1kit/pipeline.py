@@ -20,7 +20,6 @@ works on any of them. The quickstart is this module running `recipes/quickstart.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 import time
