@@ -298,11 +298,12 @@ def _say(enabled: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def auto_threads(window_s: float = 0.3) -> int:
+def auto_threads(window_s: float = 1.0) -> int:
     """CPU threads for torch: the cores idle right now, at least one. Oversubscribed OpenMP threads
     spin against each other: on a loaded 2-core machine two threads run ~5x slower than one, while
     on an idle one they run ~1.6x faster. Idleness is sampled from /proc/stat over a short window
     (the load average lags by a minute and counts this very process's earlier work)."""
+    import math
     import os
     import time
 
@@ -323,7 +324,8 @@ def auto_threads(window_s: float = 0.3) -> int:
             idle_cores = cores - os.getloadavg()[0]
         except OSError:
             idle_cores = cores
-    return max(1, min(cores, int(round(idle_cores))))
+    # a core more than three-quarters idle counts as free (short bursts of other work are common)
+    return max(1, min(cores, math.ceil(idle_cores - 0.25)))
 
 
 class _threads:
