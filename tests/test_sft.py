@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+from pathlib import Path
 import torch
 
 from r1kit import data as D
@@ -173,3 +174,22 @@ def test_distill_end_to_end_writes_dataset_and_stats(tmp_path):
     stats = json.loads((tmp_path / "dataset_stats.json").read_text())
     assert stats["per_task"]["arithmetic"]["generated"] == 8
     assert result.dataset.is_file() and len(result.dataset.read_text().splitlines()) == stats["kept"]
+
+
+def test_distill_prompts_from_benchmarks_and_tasks():
+    """R1's distillation prompts were real problems: a benchmark split works like a task generator,
+    and held-out prompts never overlap the training ones."""
+    from r1kit.train.config import load_recipe
+    from r1kit.train.distill import DistillConfig, prompt_sets
+
+    train, held = prompt_sets(DistillConfig(task="gsm8k_train", eval_task="gsm8k", num_prompts=6, num_eval_prompts=4))
+    assert len(train) == 6 and len(held) == 4 and train[0]["task"] == "math"
+    train, held = prompt_sets(DistillConfig(task="gsm8k", num_prompts=6, num_eval_prompts=4))
+    assert not {s["prompt"] for s in train} & {s["prompt"] for s in held}
+    train, held = prompt_sets(DistillConfig(task="arithmetic", num_prompts=6, num_eval_prompts=4))
+    assert len(train) == 6 and train[0]["task"] == "arithmetic"
+    with pytest.raises(ValueError, match="too few"):
+        prompt_sets(DistillConfig(task="aime24", num_prompts=30, num_eval_prompts=5))
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "distill-qwen2.5-0.5b-gsm8k.toml"
+    config = load_recipe(DistillConfig, str(recipe), [])
+    assert (config.task, config.eval_task, config.sft["learning_rate"]) == ("gsm8k_train", "gsm8k", 1e-4)

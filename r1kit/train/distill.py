@@ -27,7 +27,8 @@ from r1kit.checkpoint import atomic_write_text
 class DistillConfig:
     teacher: str = ""  # an HF folder (an r1kit checkpoint or a downloaded model)
     student: str = ""  # a preset (fresh weights, teacher's tokenizer) or an HF folder; empty: skip SFT
-    task: str = "arithmetic"  # r1kit.tasks name
+    task: str = "arithmetic"  # an r1kit.tasks generator, or a benchmark name / JSONL path (e.g. gsm8k_train)
+    eval_task: str = ""  # held-out prompts for a benchmark task (e.g. gsm8k); default: rows after the training ones
     task_kwargs: dict = field(default_factory=dict)
     num_prompts: int = 256
     num_generations: int = 4  # k samples per prompt
@@ -152,9 +153,27 @@ class DistillResult:
     accuracy_after: float | None
 
 
+def prompt_sets(config: DistillConfig) -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out prompts): from a task generator (two seeds), or from benchmark
+    files -- R1's distillation prompts were real problems, e.g. GSM8K's training split."""
+    from r1kit.tasks import TASKS, load_benchmark, make_task
+
+    if config.task in TASKS:
+        task = make_task(config.task, **config.task_kwargs)
+        return (task.generate(config.num_prompts, seed=config.seed),
+                task.generate(config.num_eval_prompts, seed=config.seed + 10_000))
+    if config.eval_task:
+        return (load_benchmark(config.task, limit=config.num_prompts),
+                load_benchmark(config.eval_task, limit=config.num_eval_prompts))
+    rows = load_benchmark(config.task, limit=config.num_prompts + config.num_eval_prompts)
+    if len(rows) <= config.num_prompts:
+        raise ValueError(f"distill: {config.task} has {len(rows)} problems, too few for {config.num_prompts} "
+                         f"training prompts plus held-out ones; set eval_task (e.g. \"gsm8k\") or lower num_prompts")
+    return rows[:config.num_prompts], rows[config.num_prompts:]
+
+
 def distill(config: DistillConfig, teacher=None, tokenizer=None, student=None) -> DistillResult:
     import r1kit
-    from r1kit.tasks import make_task
     from r1kit.train.sft import SFTConfig, train_sft
 
     if teacher is None:
@@ -163,9 +182,7 @@ def distill(config: DistillConfig, teacher=None, tokenizer=None, student=None) -
         teacher, tokenizer = r1kit.load(config.teacher)
     if tokenizer is None:
         raise ValueError(f"distill: the teacher {config.teacher} has no tokenizer.json")
-    task = make_task(config.task, **config.task_kwargs)
-    prompts = task.generate(config.num_prompts, seed=config.seed)
-    held_out = task.generate(config.num_eval_prompts, seed=config.seed + 10_000)
+    prompts, held_out = prompt_sets(config)
     out = Path(config.output_dir)
     texts, lengths, marked = sample_completions(teacher, tokenizer, prompts, config, config.num_generations,
                                                 config.temperature, config.seed)
