@@ -526,8 +526,6 @@ def _dataset_rows(ctx: Context, ref: str) -> list[dict]:
 
 def run_sft(stage: dict, ctx: Context, out: Path) -> dict:
     import r1kit
-    import torch
-    from r1kit.model import ModelConfig, Transformer
 
     rows = _dataset_rows(ctx, stage["data"])
     names = {s["name"] for s in ctx.recipe["stages"]}
@@ -537,28 +535,31 @@ def run_sft(stage: dict, ctx: Context, out: Path) -> dict:
         from r1kit.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_folder(ctx.model_path(stage["tokenizer"]))
-        torch.manual_seed(stage["seed"])
-        model = Transformer(ModelConfig.preset(stage["model"], vocab_size=tokenizer.vocab_size,
-                                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, **stage["model_overrides"]))
+        model = fresh_model(stage["model"], tokenizer, stage["model_overrides"], stage["seed"])
     result = _sft(stage, ctx, model, tokenizer, rows, max_steps=stage["max_steps"])
     r1kit.save(result.model, tokenizer, out)
     return {"examples": len(rows), "steps": result.steps, "parameters": model.num_parameters(),
             "loss_curve": _curve(result.metrics)}
 
 
-def run_distill(stage: dict, ctx: Context, out: Path) -> dict:
-    """R1's distillation: SFT only, a smaller dense student on the teacher's verified samples."""
-    import r1kit
+def fresh_model(preset: str, tokenizer, overrides: dict, seed: int):
+    """A preset with fresh weights, sized to `tokenizer` (its vocabulary and special ids)."""
     import torch
     from r1kit.model import ModelConfig, Transformer
 
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size,
+                                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id, **overrides))
+
+
+def run_distill(stage: dict, ctx: Context, out: Path) -> dict:
+    """R1's distillation: SFT only, a smaller dense student on the teacher's verified samples."""
+    import r1kit
+
     rows, stats = rejection_sample(stage, ctx, stage["teacher"])
     _, tokenizer = ctx.load_model(stage["teacher"])
-    torch.manual_seed(stage["seed"])
-    student = Transformer(ModelConfig.preset(stage["student"], vocab_size=tokenizer.vocab_size,
-                                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                             pad_token_id=tokenizer.pad_token_id, **stage["student_overrides"]))
+    student = fresh_model(stage["student"], tokenizer, stage["student_overrides"], stage["seed"])
     result = _sft(stage, ctx, student, tokenizer, rows, max_steps=stage["max_steps"])
     r1kit.save(result.model, tokenizer, out)
     atomic_write_text(out / "distill_data.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
