@@ -72,6 +72,39 @@ def kv_bytes_per_token(config: ModelConfig, element_size: int = 2) -> tuple[int,
     return mla, mha
 
 
+def step_matrices(model: Transformer) -> list[torch.Tensor]:
+    """The weight matrices one dense decode step multiplies by, as the engine lays them out
+    (fused projections, transposed storage; see r1kit/model/fuse.py)."""
+    mats, seen = [], set()
+    for module in model.modules():
+        fused = getattr(module, "fused", None)
+        if fused is not None and fused.usable():
+            mats.append(fused.weight)
+            seen.update(id(lin) for lin in fused.linears)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module) not in seen:
+            mats.append(module.weight)
+    if model.lm_head is None:
+        mats.append(model.model.embed_tokens.weight)
+    return mats
+
+
+@torch.inference_mode()
+def gemm_floor(model: Transformer, batch: int, reps: int = 30) -> float:
+    """Seconds per decode step spent in the weight products alone (no attention, no norms, no
+    Python): what no engine built on these BLAS kernels can beat at this batch size."""
+    mats = step_matrices(model)
+    xs = [torch.randn(batch, w.shape[1]) for w in mats]
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            for x, w in zip(xs, mats):
+                torch.nn.functional.linear(x, w)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
 def time_r1kit(engine: Engine, prompts, new_tokens: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     t = time.perf_counter()
@@ -180,6 +213,14 @@ def main() -> int:
                 if t_cpp is not None:
                     line += f"   llama.cpp {args.new_tokens / t_cpp:.1f} tok/s"
                     figures[f"{name}_bs1_llamacpp_tps"] = round(args.new_tokens / t_cpp, 1)
+            if not config.is_moe:  # a roofline for the dense models: the products alone
+                floor = gemm_floor(ours, batch) * args.new_tokens
+                ceiling = t_hf / floor
+                figures[f"{name}_bs{batch}_gemm_floor_ceiling"] = round(ceiling, 2)
+                figures[f"{name}_bs{batch}_share_of_floor"] = round(floor / t_ours, 2)
+                line += (f"\n            weight products alone: {batch * args.new_tokens / floor:8.1f} tok/s -> "
+                         f"no engine on these kernels beats transformers by more than {ceiling:.2f}x; "
+                         f"r1kit runs at {100 * floor / t_ours:.0f}% of that floor")
             print(line, flush=True)
         if config.is_mla:
             mla, mha = kv_bytes_per_token(config)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from r1kit.model import Cache
+from r1kit.model.fuse import prepare_for_decode
 
 FINISH_REASONS = ("stop", "length")
 PREFILL_ACTIVATION_BUDGET = 1 << 27  # floats of (rows x tokens x hidden x 16) one prefill forward may hold
@@ -269,8 +270,10 @@ def intra_op_threads(n: int | None):
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 64, max_seq_len: int | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, fuse: bool = True):
         self.num_threads = num_threads
+        if fuse:  # fused projections and transposed weights for decoding (model/fuse.py); in place
+            prepare_for_decode(model)
         self.model = model  # switched to eval mode only while generating (see eval_mode)
         self.tokenizer = tokenizer
         self.config = model.config

@@ -7,6 +7,7 @@ import torch
 
 import r1kit
 from r1kit.model import ModelConfig, Transformer
+from r1kit.model.attention import cache_slots
 from r1kit.model.moe import MoE
 
 transformers = pytest.importorskip("transformers")
@@ -147,7 +148,7 @@ def test_absorbed_mla_equals_naive_and_caches_only_latent():
         cache = attn.new_cache(2, 8, torch.float32, "cpu")
         slots = torch.arange(8)
         mask = (slots.view(1, 1, -1) <= pos.unsqueeze(-1)).unsqueeze(1)[..., :7]
-        absorbed = attn(x, model.rotary, cos, sin, mask, cache, pos, 7)
+        absorbed = attn(x, model.rotary, cos, sin, mask, cache, cache_slots(pos, 8), 7)
     assert (naive - absorbed).abs().max().item() < 1e-5
     assert cache.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim  # only c_kv and the rope key
 

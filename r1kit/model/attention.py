@@ -1,9 +1,10 @@
 """Attention: grouped-query attention (Qwen2, Llama) and Multi-head Latent Attention (DeepSeek).
 
 Cache convention, shared by both: a layer's cache holds one row per sequence and one slot per
-position. `positions` (B, T) says where each new token goes (its slot == its rope position); a
-query at position p attends to slots 0..p of its own row (the mask comes from the model). Rows are
-independent, which is what continuous batching needs.
+position. A new token at position p of row b goes to slot p of row b (its slot == its rope
+position); the model passes those slots flattened (`cache_slots`) and a mask by which a query at
+position p attends to slots 0..p of its own row. Rows are independent, which is what continuous
+batching needs.
 
 MLA caches only the compressed latent c_kv and the shared rope key per token (kv_lora_rank +
 qk_rope_head_dim numbers) and attends against it directly with the up-projections absorbed:
@@ -21,10 +22,22 @@ from r1kit.model.config import ModelConfig
 from r1kit.model.layers import RMSNorm, Rotary, softmax_scale
 
 
-def write_cache(buffer: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
-    """buffer (B, S, ...) [row, positions[row, t]] = values (B, T, ...)."""
-    rows = torch.arange(buffer.shape[0], device=buffer.device).unsqueeze(1).expand_as(positions)
-    buffer[rows, positions] = values.to(buffer.dtype)
+def cache_slots(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """positions (B, T) -> the flat index row * max_seq_len + position of each new token, computed
+    once per forward and shared by every layer's cache write."""
+    rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
+    return (rows * max_seq_len + positions).reshape(-1)
+
+
+def write_cache(buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer (B, S, ...) at flat slots (see cache_slots) = values (B, T, ...): one index_copy_."""
+    rest = buffer.shape[2:]
+    values = values.reshape(-1, *rest).to(buffer.dtype)
+    if buffer.is_contiguous():
+        buffer.view(-1, *rest).index_copy_(0, slots, values)
+    else:  # a strided view of a bigger cache
+        S = buffer.shape[1]
+        buffer[slots // S, slots % S] = values
 
 
 def attend(q, k, v, mask, scale, gqa: bool) -> torch.Tensor:
@@ -53,20 +66,25 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.scale = self.head_dim ** -0.5
+        self.fused = None  # q|k|v as one product when decoding (fuse.py)
 
     def new_cache(self, batch_size, max_seq_len, dtype, device):
         shape = (batch_size, max_seq_len, self.n_kv_heads, self.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, positions=None, kv_len=None):
+    def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
-        q = rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = rotary.apply(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.fused is not None and self.fused.usable():
+            q, k, v = self.fused(x).split(self.fused.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = rotary.apply(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = rotary.apply(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k_cache, v_cache = cache
-            write_cache(k_cache, positions, k)
-            write_cache(v_cache, positions, v)
+            write_cache(k_cache, slots, k)
+            write_cache(v_cache, slots, v)
             k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -96,6 +114,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
         self.scale = softmax_scale(config, qk_dim)
+        self.fused = None  # q_a|kv_a (or q|kv_a) as one product when decoding (fuse.py)
 
     def new_cache(self, batch_size, max_seq_len, dtype, device):
         # one tensor per layer: [c_kv | k_rope] per slot; keys read it whole, values its first part
@@ -104,26 +123,24 @@ class MLAttention(nn.Module):
     def cache_numel_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
 
-    def _queries(self, x):
+    def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
-        if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_in = self.q_a_proj if self.q_lora_rank else self.q_proj
+        if self.fused is not None and self.fused.usable():
+            q, kv = self.fused(x).split(self.fused.sizes, dim=-1)
         else:
-            q = self.q_proj(x)
-        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
-        return q.split([self.nope_dim, self.rope_dim], dim=-1)
-
-    def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, positions=None, kv_len=None):
-        B, T, _ = x.shape
-        q_nope, q_rope = self._queries(x)
+            q, kv = q_in(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q_nope, q_rope = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = rotary.apply(q_rope, cos, sin)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_rope = rotary.apply(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, rope_dim): shared by heads
         if cache is None:
             out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
         else:
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, cache, positions, kv_len)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, cache, slots, kv_len)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_rope, c_kv, k_rope, mask):
@@ -136,11 +153,11 @@ class MLAttention(nn.Module):
         return out.transpose(1, 2)  # (B, T, H, v_dim)
 
     def absorbed_weights(self):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))
         return w[:, : self.nope_dim], w[:, self.nope_dim:]  # W_uk (H, nope, C), W_uv (H, v, C)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, cache, positions, kv_len):
-        write_cache(cache, positions, torch.cat((c_kv, k_rope.squeeze(2)), dim=-1))
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask, cache, slots, kv_len):
+        write_cache(cache, slots, torch.cat((c_kv, k_rope.squeeze(2)), dim=-1))
         latent = cache[:, :kv_len].unsqueeze(1)  # (B, 1, S, C + R): one "head" shared by all
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))

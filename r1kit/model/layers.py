@@ -17,7 +17,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fused kernel (torch >= 2.4); computes in fp32 internally for low-precision inputs
+        if x.dtype == self.weight.dtype == torch.float32:  # one fused kernel (a decode step has 2L+1 norms)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # low precision: normalise in fp32, round to the input's dtype, then scale (as HF does)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -29,9 +31,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.fused = None  # gate|up as one product when decoding (fuse.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is not None and self.fused.usable():
+            gate, up = self.fused(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------------- rotary embeddings
@@ -98,19 +105,35 @@ def softmax_scale(config: ModelConfig, head_dim: int) -> float:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables by position; `apply` rotates (..., T, heads, dim) tensors."""
+    """cos/sin by position; `apply` rotates (..., T, heads, dim) tensors."""
 
     def __init__(self, config: ModelConfig, dim: int, interleave: bool):
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(config, dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # cos | sin of positions 0..n-1 in fp32, grown on demand: a decode step looks its rows up
+        # (one gather) instead of computing them (six kernels); same arithmetic, same numbers. A
+        # plain attribute, not a buffer: rebuilt where it is needed, never saved or moved.
+        self.table: torch.Tensor | None = None
         self.interleave = interleave
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin of shape (B, T, 1, dim/2)."""
+    def _freqs(self, positions: torch.Tensor) -> torch.Tensor:
         freqs = positions.to(self.inv_freq.dtype).unsqueeze(-1) * self.inv_freq
-        cos = (freqs.cos() * self.attention_factor).to(dtype).unsqueeze(2)
-        sin = (freqs.sin() * self.attention_factor).to(dtype).unsqueeze(2)
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_factor
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, bound: int | None = None):
+        """positions (B, T) -> cos, sin of shape (B, T, 1, dim/2). `bound` > every position (e.g. the
+        cache length) lets the rows come from the table."""
+        if bound is None:
+            both = self._freqs(positions)
+        else:
+            table = self.table
+            if table is None or table.shape[0] < bound or table.device != positions.device:
+                n = max(bound, 2 * table.shape[0] if table is not None else 0)
+                with torch.inference_mode(False):  # a plain tensor, usable by training after decoding
+                    self.table = self._freqs(torch.arange(n, device=positions.device))
+            both = self.table[positions]
+        cos, sin = both.to(dtype).unsqueeze(2).chunk(2, dim=-1)
         return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

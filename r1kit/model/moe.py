@@ -47,7 +47,7 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias.float() if self.use_bias else scores
-        if self.n_group > 1:
+        if 1 < self.n_group and self.topk_group < self.n_group:  # keeping every group limits nothing
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             if self.use_bias:
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)

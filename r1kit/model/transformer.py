@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1kit.model.attention import GQAttention, MLAttention
+from r1kit.model.attention import GQAttention, MLAttention, cache_slots
 from r1kit.model.config import ModelConfig
 from r1kit.model.layers import MLP, RMSNorm, Rotary
 from r1kit.model.moe import MoE
@@ -26,8 +26,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, rotary, cos, sin, mask=None, cache=None, positions=None, kv_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, mask, cache, positions, kv_len)
+    def forward(self, x, rotary, cos, sin, mask=None, cache=None, slots=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, mask, cache, slots, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,22 +137,22 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("decoding with a cache needs `positions` (B, T): each token's slot")
             positions = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
-        mask = None
+        mask = slots = None
         if cache is not None:
             kv_len = kv_len or int(positions.max()) + 1
             if kv_len > cache.max_seq_len:
                 raise ValueError(f"sequence of {kv_len} tokens exceeds the cache ({cache.max_seq_len} slots)")
-            slots = torch.arange(kv_len, device=input_ids.device)
-            mask = (slots.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+            slots = cache_slots(positions, cache.max_seq_len)
+            mask = (torch.arange(kv_len, device=input_ids.device) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype, bound=cache.max_seq_len if cache is not None else None)
         for i, block in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(block, h, self.rotary, cos, sin, mask, layer_cache,
-                                                      positions, kv_len, use_reentrant=False)
+                                                      slots, kv_len, use_reentrant=False)
             else:
-                h = block(h, self.rotary, cos, sin, mask, layer_cache, positions, kv_len)
+                h = block(h, self.rotary, cos, sin, mask, layer_cache, slots, kv_len)
         out = h if logits_at is None else h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         logits = self.output_head(self.model.norm(out))
         return (logits, h) if return_hidden else logits

@@ -1,0 +1,111 @@
+"""Inference weight layout: fused projections and transposed storage, without copying weights.
+
+Decoding one token is a chain of matrix-vector products, and on a CPU two things decide their cost
+besides the bytes read: how many kernels run (each costs microseconds of dispatch) and which way
+the matrix lies in memory (BLAS's x @ W with W stored (in, out) streams rows of W; x @ W^T with W
+stored (out, in), PyTorch's usual layout, is markedly slower for one row of x).
+
+`prepare_for_decode(model)` rewrites the storage of a model's linear weights, in place:
+
+- projections that read the same input (q/k/v; gate/up; MLA's q_a and kv_a) are stored as one
+  (in, sum(out)) matrix, and each layer's `weight` becomes a view of its block: same name, same
+  shape, same values, no extra memory. Under `no_grad`/`inference_mode` the model runs the fused
+  matrix as one product; with gradients on it runs the layers one by one, so training is unchanged
+  (an optimizer step writes through the views into the fused matrix).
+- every other linear weight (and a tied embedding that doubles as the output head) is stored
+  transposed: `w.t().contiguous().t()`, the same tensor to every reader.
+
+A `Fused` checks on every use that each layer's weight still lives where it was put (a reload that
+replaced a tensor, a quantized layer, a copy of the model): if not, the layers run one by one.
+Saving is unaffected (hf.save writes contiguous copies); distributed wrappers are left alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Fused:
+    """Linear layers over one input, stored as the column blocks of one (in, sum(out)) matrix."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+        self.sizes = [lin.out_features for lin in linears]
+        with torch.no_grad(), torch.inference_mode(False):
+            base = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()  # (in, out)
+            biases = [lin.bias for lin in linears]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b.detach() if b is not None else base.new_zeros(n)
+                                  for b, n in zip(biases, self.sizes)])
+            start = 0
+            self.offsets = []
+            for lin, n, b in zip(linears, self.sizes, biases):
+                lin.weight.data = base[:, start:start + n].t()
+                if b is not None:
+                    lin.bias.data = bias[start:start + n]
+                self.offsets.append(start)
+                start += n
+        self.weight = base.t()  # (out, in), what F.linear takes
+        self.bias = bias
+        # a layer without a bias got zeros here: only valid while it still has none
+        self.bias_free = [b is None for b in biases]
+
+    def usable(self) -> bool:
+        """True when no gradient is needed and every layer still views its block."""
+        if torch.is_grad_enabled():
+            return False
+        ptr, step = self.weight.data_ptr(), self.weight.element_size()
+        for lin, off, no_bias in zip(self.linears, self.offsets, self.bias_free):
+            w = getattr(lin, "weight", None)
+            if not isinstance(w, nn.Parameter) or w.data_ptr() != ptr + off * step or w.device != self.weight.device:
+                return False
+            if no_bias != (lin.bias is None):
+                return False
+        return True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _transpose_storage(param: nn.Parameter) -> None:
+    if param.dim() == 2 and param.is_contiguous():
+        with torch.no_grad(), torch.inference_mode(False):
+            param.data = param.data.t().contiguous().t()
+
+
+def prepare_for_decode(model: nn.Module) -> nn.Module:
+    """Fuse and transpose the model's linear weights in place (see the module docstring). Safe to
+    call twice; skipped under torch.distributed (DDP/FSDP own the parameters' layout)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return model
+    if any(p.is_meta for p in model.parameters()):
+        return model
+    from r1kit.model.attention import GQAttention, MLAttention
+    from r1kit.model.layers import MLP
+
+    for module in model.modules():
+        if getattr(module, "fused", None) is not None:
+            continue
+        if isinstance(module, GQAttention):
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+        elif isinstance(module, MLAttention):
+            parts = [module.q_a_proj if module.q_lora_rank else module.q_proj, module.kv_a_proj_with_mqa]
+        elif isinstance(module, MLP):
+            parts = [module.gate_proj, module.up_proj]
+        else:
+            continue
+        if all(type(p) is nn.Linear for p in parts):
+            module.fused = Fused(parts)
+    fused_ids = {id(lin.weight) for m in model.modules() if getattr(m, "fused", None) is not None
+                 for lin in m.fused.linears}
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module.weight) not in fused_ids:
+            _transpose_storage(module.weight)
+    head = getattr(model, "lm_head", "absent")
+    if head is None:  # tied: the embedding is the output head, read far more by the head
+        _transpose_storage(model.model.embed_tokens.weight)
+    return model

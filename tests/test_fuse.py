@@ -1,0 +1,87 @@
+"""prepare_for_decode: fused projections and transposed weights change speed, never results."""
+import copy
+
+import pytest
+import torch
+
+import r1kit
+from r1kit.model import ModelConfig, Transformer
+from r1kit.model.fuse import prepare_for_decode
+
+FAMILIES = {
+    "qwen2": dict(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama": dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "deepseek_v3": dict(ModelConfig.preset("tiny").to_hf(), num_nextn_predict_layers=1),
+}
+
+
+def _pair(family):
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.from_hf(FAMILIES[family])).eval()
+    fused = copy.deepcopy(plain)
+    prepare_for_decode(fused)
+    return plain, fused
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_decode_equals_plain(family):
+    plain, fused = _pair(family)
+    assert fused.model.layers[0].self_attn.fused is not None
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert fused.model.layers[0].self_attn.fused.usable()
+        a, b = plain(ids), fused(ids)
+        cache_a, cache_b = plain.new_cache(2, 12), fused.new_cache(2, 12)
+        pos = torch.arange(9).expand(2, 9)
+        pa = plain(ids, positions=pos, cache=cache_a)
+        pb = fused(ids, positions=pos, cache=cache_b)
+    assert (a - b).abs().max().item() < 1e-5
+    assert (pa - pb).abs().max().item() < 1e-5
+    # same names, shapes and values: a checkpoint cannot tell
+    sa, sb = plain.state_dict(), fused.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_training_through_fused_weights(family):
+    """Gradients flow to every layer (the fused product is used only without grad), and an optimizer
+    step on the views updates what the fused decode reads."""
+    plain, fused = _pair(family)
+    plain.train()
+    fused.train()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, fused)]
+    for model, opt in zip((plain, fused), opts):
+        model.loss(ids)["loss"].backward()
+        opt.step()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        assert (p.grad - q.grad).abs().max().item() < 1e-5, name
+    plain.eval()
+    fused.eval()
+    with torch.inference_mode():
+        assert fused.model.layers[0].self_attn.fused.usable()
+        assert (plain(ids) - fused(ids)).abs().max().item() < 1e-4
+
+
+def test_fused_falls_back_when_a_weight_is_replaced():
+    plain, fused = _pair("qwen2")
+    attn = fused.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight = torch.nn.Parameter(attn.k_proj.weight.detach().clone() * 2)
+        assert not attn.fused.usable()
+        plain.model.layers[0].self_attn.k_proj.weight.mul_(2)
+        ids = torch.randint(0, 97, (1, 5))
+        assert (plain(ids) - fused(ids)).abs().max().item() < 1e-5
+
+
+def test_saving_a_prepared_model_round_trips(tmp_path):
+    plain, fused = _pair("qwen2")
+    r1kit.save(fused, None, tmp_path / "m")
+    loaded, _ = r1kit.load(tmp_path / "m")
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert (loaded(ids) - plain(ids)).abs().max().item() < 1e-5
