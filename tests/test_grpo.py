@@ -153,6 +153,39 @@ def test_engine_logprobs_match_training_forward(tok, kind):
     assert diff < 1e-5, diff
 
 
+def test_length_buckets_cover_every_row_once_and_cut_only_where_it_pays():
+    lengths = [50, 12, 48, 13, 11, 49, 14, 12]
+    rows = list(range(8))
+    buckets = grpo.length_buckets(rows, lengths, max_rows=8, overhead_tokens=10)
+    assert sorted(r for b in buckets for r in b) == rows
+    assert [sorted(b) for b in buckets] == [[0, 2, 5], [1, 3, 4, 6, 7]]  # long ones apart from short ones
+    # a forward that costs more than the padding saved: one bucket
+    assert len(grpo.length_buckets(rows, lengths, max_rows=8, overhead_tokens=10_000)) == 1
+    # never more than max_rows per bucket
+    assert all(len(b) <= 3 for b in grpo.length_buckets(rows, [10] * 8, max_rows=3))
+
+
+def test_bucketed_trimmed_logprobs_equal_one_padded_batch(tok):
+    """The update runs length buckets with the all-padding columns trimmed: same log-probs per token."""
+    model = dense_model(tok, seed=2).eval()
+    config = quick_config(max_completion_length=16, temperature=1.0)
+    samples = toy_samples(4)
+    prompts = [tok.encode(s["prompt"] + " and more" * (3 * i), add_special_tokens=True) for i, s in enumerate(samples)]
+    from r1kit.engine import Engine
+
+    with torch.inference_mode():
+        rollout = grpo.generate_rollout(Engine(model, tok, max_batch_size=16, max_seq_len=160), tok, samples, prompts,
+                                        config, seed=5)
+    lengths = rollout.lengths()
+    assert len(set(lengths)) > 1
+    with torch.no_grad():
+        whole, _ = completion_logprobs(model, rollout, config.temperature)
+        pieces = grpo.rollout_logprobs(model, rollout, config.temperature, micro_batch_size=3)
+    mask = rollout.completion_mask.bool()
+    assert (whole - pieces).abs()[mask].max().item() < 1e-5
+    assert (pieces[~mask] == 0).all()
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -149,8 +149,11 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0 and q.device.type == "cpu":  # CPU's flash kernel needs one head size; else it falls to
+            v = F.pad(v, (0, pad))  # the slower math path: zero columns of V give zero outputs
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=False)
-        return out.transpose(1, 2)  # (B, T, H, v_dim)
+        return out.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, v_dim)
 
     def absorbed_weights(self):
         w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, self.nope_dim + self.v_dim))

@@ -215,6 +215,21 @@ class Rollout:
             advantages=pick(self.advantages), ref_logprobs=pick(self.ref_logprobs),
         )
 
+    def lengths(self) -> list[int]:
+        """Prompt plus completion tokens of each row: what its forward pass costs."""
+        done = self.completion_mask.sum(1).long().tolist()
+        return [len(p) + n for p, n in zip(self.prompt_ids, done)]
+
+    def trimmed(self) -> "Rollout":
+        """The same rows without the completion columns that are padding in every row."""
+        width = max(1, int(self.completion_mask.sum(1).max()))
+        if width >= self.completion_ids.shape[1]:
+            return self
+        cut = lambda t: None if t is None else t[:, :width]  # noqa: E731
+        return dataclasses.replace(self, completion_ids=cut(self.completion_ids),
+                                   completion_mask=cut(self.completion_mask), old_logprobs=cut(self.old_logprobs),
+                                   ref_logprobs=cut(self.ref_logprobs))
+
     @staticmethod
     def concat(parts: list["Rollout"]) -> "Rollout":
         width = max(p.completion_ids.shape[1] for p in parts)
@@ -388,16 +403,41 @@ def completion_logprobs(model, rollout: Rollout, temperature: float, entropy: bo
     return logprobs, ent
 
 
+def length_buckets(rows: list[int], lengths: list[int], max_rows: int, overhead_tokens: int = 64) -> list[list[int]]:
+    """Split `rows` into micro-batches of at most `max_rows` that waste little padding.
+
+    A padded forward costs about rows x longest row tokens, plus a fixed price per forward
+    (`overhead_tokens`, in token-equivalents). Sorting by length and cutting where it pays is
+    exact for that cost: a dynamic program over the sorted rows picks the cuts. Completions of a
+    GRPO group often range from a few tokens to max_completion_length, so one padded batch can be
+    half padding.
+    """
+    order = sorted(rows, key=lambda r: lengths[r], reverse=True)
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i sorted rows
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - max_rows), i):  # a bucket order[j:i], its longest row is order[j]
+            cost = best[j] + (i - j) * lengths[order[j]] + overhead_tokens
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    buckets, i = [], n
+    while i > 0:
+        buckets.append(order[cut[i]:i])
+        i = cut[i]
+    return buckets[::-1]
+
+
 @torch.no_grad()
 def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
     """Log-probs under `model` without gradients (reference model, or re-computed old policy)."""
     was_training = model.training
     model.eval()
     out = torch.zeros_like(rollout.completion_mask)
-    for start in range(0, len(rollout), micro_batch_size):
-        rows = list(range(start, min(start + micro_batch_size, len(rollout))))
-        lp, _ = completion_logprobs(model, rollout.select(rows), temperature)
-        out[rows] = lp.float().cpu() * rollout.completion_mask[rows]
+    for rows in length_buckets(list(range(len(rollout))), rollout.lengths(), micro_batch_size):
+        part = rollout.select(rows).trimmed()
+        lp, _ = completion_logprobs(model, part, temperature)
+        out[rows, :lp.shape[1]] = lp.float().cpu() * part.completion_mask
     model.train(was_training)
     return out
 
@@ -753,9 +793,12 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 num_items = num_items / world_size
             optimizer.zero_grad(set_to_none=True)
             bad = False
-            for ms in range(0, len(mb_rows), micro):
-                rows = mb_rows[ms:ms + micro]
-                part = rollout.select(rows)
+            if world_size == 1:  # every DDP rank must run the same number of backward passes
+                chunks = length_buckets(mb_rows, rollout.lengths(), micro)
+            else:
+                chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
+            for rows in chunks:
+                part = rollout.select(rows).trimmed()
                 device = next(model.parameters()).device
                 logprobs, ent = completion_logprobs(train_model, part, config.temperature, entropy=True)
                 mask = part.completion_mask.to(device)
