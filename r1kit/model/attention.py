@@ -32,7 +32,9 @@ def cache_slots(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
 def write_cache(buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     """buffer (B, S, ...) at flat slots (see cache_slots) = values (B, T, ...): one index_copy_."""
     rest = buffer.shape[2:]
-    values = values.reshape(-1, *rest).to(buffer.dtype)
+    values = values.reshape(-1, *rest)
+    if values.dtype != buffer.dtype:
+        values = values.to(buffer.dtype)
     if buffer.is_contiguous():
         buffer.view(-1, *rest).index_copy_(0, slots, values)
     else:  # a strided view of a bigger cache
@@ -74,12 +76,15 @@ class GQAttention(nn.Module):
 
     def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
-        if self.fused is not None and self.fused.usable():
-            q, k, v = self.fused(x).split(self.fused.sizes, dim=-1)
+        if self.fused is not None and self.fused.usable():  # one product, one rotation for q and k together
+            qk, v = self.fused(x).split([(self.n_heads + self.n_kv_heads) * self.head_dim,
+                                         self.n_kv_heads * self.head_dim], dim=-1)
+            qk = rotary.apply(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = rotary.apply(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = rotary.apply(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+            q = rotary.apply(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+            k = rotary.apply(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k_cache, v_cache = cache

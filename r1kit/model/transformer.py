@@ -143,8 +143,11 @@ class Transformer(nn.Module):
             if kv_len > cache.max_seq_len:
                 raise ValueError(f"sequence of {kv_len} tokens exceeds the cache ({cache.max_seq_len} slots)")
             slots = cache_slots(positions, cache.max_seq_len)
-            mask = (torch.arange(kv_len, device=input_ids.device) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+            visible = torch.arange(kv_len, device=input_ids.device) <= positions.unsqueeze(-1)
         h = self.model.embed_tokens(input_ids)
+        if cache is not None:  # additive, in the activations' dtype: SDPA would convert a bool mask in every layer
+            mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
+            mask = mask.unsqueeze(1)  # (B, 1, T, S)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, bound=cache.max_seq_len if cache is not None else None)
         for i, block in enumerate(self.model.layers):
             layer_cache = cache.layers[i] if cache is not None else None
