@@ -224,6 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--show-thinking", action="store_true", help="keep the thinking on screen (no folding)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs on a GPU); the first answer waits for it")
 
 
 def main(args) -> int:
@@ -233,7 +235,7 @@ def main(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     engine = load_engine(args.path, max_batch_size=1, max_seq_len=args.max_seq_len, quantize=args.quantize,
-                         dtype=args.dtype, num_threads=args.threads)
+                         dtype=args.dtype, num_threads=args.threads, compile=args.compile)
     display = Display(fold=not args.show_thinking)
     session = ChatSession(engine, params, system=args.system, display=display)
     display.line(f"r1kit chat: {args.path} ({engine.config.model_type}). /help for commands.", style="bold")

@@ -454,7 +454,7 @@ def create_app(engine_or_model_path, model_name: str | None = None, api_key: str
 
 
 def load_engine(path, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_seq_len: int | None = None,
-                quantize: str | None = None, dtype=None, num_threads: int | None = None):
+                quantize: str | None = None, dtype=None, num_threads: int | None = None, compile: bool = False):
     """Load a model folder into an Engine (the shared start of `serve` and `chat`)."""
     import r1kit
     from r1kit.engine import Engine
@@ -475,7 +475,8 @@ def load_engine(path, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_seq_len:
         quantize_int8(model)
     context = model.config.max_position_embeddings
     max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, context)
-    return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, num_threads=num_threads)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, num_threads=num_threads,
+                  compile=compile)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -52,6 +52,7 @@ class Fused:
         # a layer without a bias got zeros here: only valid while it still has none
         self.bias_free = [b is None for b in biases]
 
+    @torch.compiler.assume_constant_result  # a compiled decode step decides once, at trace time
     def usable(self) -> bool:
         """True when no gradient is needed and every layer still views its block."""
         if torch.is_grad_enabled():

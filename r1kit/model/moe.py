@@ -64,6 +64,13 @@ class Router(nn.Module):
         return expert_ids, gates * self.routed_scaling_factor, scores
 
 
+@torch.compiler.disable  # grouped_mm has no float32 fake kernel: a compiled graph calls it eagerly
+def _grouped_swiglu(xs, gate_up_proj, down_proj, counts):
+    offsets = counts.cumsum(0).to(torch.int32)
+    gate, up = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
 
@@ -82,9 +89,7 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat))
         xs = x[token_of]
         if self._can_group(xs):
-            offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = _grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-            ys = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+            ys = _grouped_swiglu(xs, self.gate_up_proj, self.down_proj, counts)
         else:
             ys = self._loop(xs, counts.tolist())
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
