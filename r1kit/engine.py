@@ -307,6 +307,10 @@ class Engine:
         def decode(ids, positions, cache):
             return model(ids, positions=positions, cache=cache, kv_len=cache.max_seq_len)
 
+        # graphs are cached per function code, shared by every engine in the process: one per
+        # (model, batch size), and batches shrink as rows finish; torch's default allows 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
         return torch.compile(decode, dynamic=False, **kw)
 
     @contextlib.contextmanager
@@ -455,7 +459,8 @@ class _Batch:
         # still decoded, and ignored, until dropping the dead rows halves the batch)
         self.rows: list[int | None] = list(range(B))
         self.live = B
-        self.position = torch.tensor(self.prompt_len, device=dev)  # slot of each batch row's next input
+        with torch.inference_mode():  # like every later step's positions: one compiled graph serves all
+            self.position = torch.tensor(self.prompt_len, device=dev)  # slot of each batch row's next input
         self.longest = longest
         self._take(logits)
 
