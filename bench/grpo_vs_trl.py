@@ -14,6 +14,9 @@ For each size:
 3. seconds per step (median over the steps, so the first step's warm-up does not count; wall time and,
    since the machine is shared, CPU time of this single-threaded process too) and held-out
    pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6).
+r1kit runs twice: as configured by default, and with `compile_generation=True` (its decode step
+compiled once per batch size; the compile time lands in the first steps, so the total time of all
+steps is printed too).
 The last line is JSON: step_speedup_tiny, step_speedup_25m, accuracy_delta (r1kit minus TRL, points,
 averaged over the sizes) and the per-size figures.
 """
@@ -140,7 +143,7 @@ def _prompt_order(train, args) -> list[dict]:
     return [rng.choice(train) for _ in range(args.steps * args.prompts)]
 
 
-def run_r1kit(folder: Path, train, args) -> tuple[list[float], object]:
+def run_r1kit(folder: Path, train, args, compile_generation: bool = False) -> tuple[list[float], object]:
     model, tok = r1kit.load(folder)
     order = _prompt_order(train, args)
     config = grpo.GRPOConfig(
@@ -149,6 +152,7 @@ def run_r1kit(folder: Path, train, args) -> tuple[list[float], object]:
         beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, epsilon=0.2,
         max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, progress=False, seed=0,
         shuffle_dataset=False,  # the same prompts per step as TRL's unshuffled sampler
+        compile_generation=compile_generation,
     )
     cpu = [time.process_time()]
     result = grpo.train_grpo(config, model, tok, train_samples=order, reward_fn=reward,
@@ -199,10 +203,13 @@ def main() -> int:
             # interleaved in one run, r1kit first then TRL; each from the same saved base
             r1_times, r1_model = run_r1kit(base, train, args)
             r1_acc = held_out_pass1(r1_model, tok, held_out, args)
+            comp_times, comp_model = run_r1kit(base, train, args, compile_generation=True)
+            comp_acc = held_out_pass1(comp_model, tok, held_out, args)
             trl_times, trl_folder = run_trl(base, train, args, work)
             trl_model, _ = r1kit.load(trl_folder)
             trl_acc = held_out_pass1(trl_model, tok, held_out, args)
-            r1_step, trl_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times))
+            r1_step, trl_step, comp_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times, comp_times))
+            comp_total = sum(t[0] for t in comp_times)  # compiling is paid in the first steps: the sum shows it
             r1_cpu, trl_cpu = (statistics.median(t[1] for t in ts) for ts in (r1_times, trl_times))
             figures[size] = {
                 "params_m": round(n_params / 1e6, 2), "r1kit_s_per_step": round(r1_step, 3),
@@ -211,12 +218,19 @@ def main() -> int:
                 "cpu_speedup": round(trl_cpu / r1_cpu, 2),
                 "base_pass1": round(100 * base_acc, 1), "r1kit_pass1": round(100 * r1_acc, 1),
                 "trl_pass1": round(100 * trl_acc, 1), "accuracy_delta": round(100 * (r1_acc - trl_acc), 1),
+                "r1kit_compiled_s_per_step": round(comp_step, 3), "step_speedup_compiled": round(trl_step / comp_step, 2),
+                "r1kit_compiled_total_s": round(comp_total, 1), "r1kit_total_s": round(sum(t[0] for t in r1_times), 1),
+                "trl_total_s": round(sum(t[0] for t in trl_times), 1), "r1kit_compiled_pass1": round(100 * comp_acc, 1),
             }
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
                   f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
                   f"(base {f['base_pass1']}%)", flush=True)
+            print(f"[{size}] with compile_generation: {comp_step:.3f} s/step -> {f['step_speedup_compiled']:.2f}x TRL; "
+                  f"all {args.steps} steps incl. compiling {comp_total:.1f} s vs eager {f['r1kit_total_s']} s vs TRL "
+                  f"{f['trl_total_s']} s; pass@1 {f['r1kit_compiled_pass1']}%", flush=True)
     out = {f"step_speedup_{k}": v["step_speedup"] for k, v in figures.items()}
+    out.update({f"step_speedup_compiled_{k}": v["step_speedup_compiled"] for k, v in figures.items()})
     out["accuracy_delta"] = round(statistics.mean(v["accuracy_delta"] for v in figures.values()), 1)
     out.update({"steps": args.steps, "num_generations": args.num_generations, "prompts_per_step": args.prompts,
                 "max_completion_length": args.max_completion_length, "eval_k": args.k, "sizes": figures})

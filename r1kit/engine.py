@@ -446,7 +446,9 @@ class _Batch:
         self.steps = 0  # tokens chosen so far per live sample
 
         longest = max(self.prompt_len)
-        self.cache = model.new_cache(B, longest + params.max_tokens)
+        # a compiled step attends over the whole cache: one length (the engine's) keeps one graph per batch size
+        slots = engine.max_seq_len if engine.compiled_step is not None else longest + params.max_tokens
+        self.cache = model.new_cache(B, slots)
         if n == 1:
             logits = engine.prefill(prompts, self.cache)
         else:  # one prefill per distinct prompt; its n samples copy the rows

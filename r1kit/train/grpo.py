@@ -82,6 +82,7 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0
     rollout_backend: str = "r1kit"  # "r1kit" (r1kit.engine) or "vllm" (GPU only, optional)
+    compile_generation: bool = False  # torch.compile the engine's decode step (each batch size compiles once)
 
     # --- objective (names as in TRL)
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo | bnpo | gspo
@@ -559,7 +560,7 @@ def _make_engine(model, tokenizer, config: GRPOConfig, max_prompt_len: int, loca
     from r1kit.engine import Engine
 
     return Engine(model, tokenizer, max_batch_size=local_completions,
-                  max_seq_len=max_prompt_len + config.max_completion_length + 1)
+                  max_seq_len=max_prompt_len + config.max_completion_length + 1, compile=config.compile_generation)
 
 
 def train_grpo(
