@@ -425,6 +425,7 @@ class Engine:
 class _Batch:
     """The rows of one generate call: prompts x n samples, decoded together until all finish."""
 
+    @torch.inference_mode()  # every tensor of a batch is an inference tensor: one compiled graph per size
     def __init__(self, engine: Engine, prompts, params: SamplingParams, generator, first_index: int = 0,
                  track_text: bool = False):
         self.engine, self.params, self.generator = engine, params, generator
@@ -461,8 +462,7 @@ class _Batch:
         # still decoded, and ignored, until dropping the dead rows halves the batch)
         self.rows: list[int | None] = list(range(B))
         self.live = B
-        with torch.inference_mode():  # like every later step's positions: one compiled graph serves all
-            self.position = torch.tensor(self.prompt_len, device=dev)  # slot of each batch row's next input
+        self.position = torch.tensor(self.prompt_len, device=dev)  # slot of each batch row's next input
         self.longest = longest
         self._take(logits)
 
@@ -512,12 +512,15 @@ class _Batch:
 
     def _compact(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if row is not None]
+        if self.engine.compiled_step is not None:  # batch sizes in powers of two: a few graphs, not one per size
+            dead = [i for i, row in enumerate(self.rows) if row is None]
+            keep = sorted(keep + dead[: (1 << (len(keep) - 1).bit_length()) - len(keep)])
         idx = torch.tensor(keep, device=self.engine.device)
         self.cache = _map_cache(self.cache, lambda t: t.index_select(0, idx))
         self.position = self.position.index_select(0, idx)
         self.next_input = self.next_input.index_select(0, idx)
         self.rows = [self.rows[i] for i in keep]
-        self.longest = max(self.prompt_len[r] for r in self.rows)
+        self.longest = max(self.prompt_len[r] for r in self.rows if r is not None)
 
     # -------------------------------------------------------------- results
     def results(self) -> list[Generation]:

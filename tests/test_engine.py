@@ -96,9 +96,11 @@ def test_sampled_logprobs_are_tempered_log_softmax_of_full_forward(model):
         assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
 
 
-def test_early_stops_and_compaction_keep_rows_exact():
+@pytest.mark.parametrize("compile", [False, "aot_eager"])
+def test_early_stops_and_compaction_keep_rows_exact(compile):
+    """Compiled, the batch shrinks to powers of two (dead rows ride along as padding)."""
     model = make_model("tiny-dense", seed=3)
-    engine = Engine(model)
+    engine = Engine(model, max_seq_len=64, compile=compile)
     prompts = [[i, i + 1, (7 * i) % 500] for i in range(1, 9)]
     free = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     stop_ids = {free[i].token_ids[1 + i] for i in range(5)}  # rows end at different steps
