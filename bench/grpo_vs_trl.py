@@ -93,7 +93,7 @@ def pretrain(model, tok, rows, seconds: float, lr: float) -> int:
     return step
 
 
-def run_trl(folder: Path, train, args, workdir: Path) -> tuple[list[float], Path]:
+def run_trl(folder: Path, train, args, workdir: Path, lengths: list) -> tuple[list[float], Path]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -113,7 +113,7 @@ def run_trl(folder: Path, train, args, workdir: Path) -> tuple[list[float], Path
     config = TRLConfig(
         output_dir=str(workdir / "trl"), per_device_train_batch_size=B, gradient_accumulation_steps=1,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
         beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, top_p=1.0,
         epsilon=0.2, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
         bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
@@ -131,6 +131,7 @@ def run_trl(folder: Path, train, args, workdir: Path) -> tuple[list[float], Path
     trainer = GRPOTrainer(model=hf_model, reward_funcs=trl_reward, args=config, train_dataset=ds,
                           processing_class=hf_tok, callbacks=[Clock()])
     trainer.train()
+    lengths.extend(h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h)
     out = workdir / "trl-final"
     hf_model.save_pretrained(out)
     hf_tok.save_pretrained(out)
@@ -148,7 +149,7 @@ def run_r1kit(folder: Path, train, args, compile_generation: bool = False) -> tu
     order = _prompt_order(train, args)
     config = grpo.GRPOConfig(
         template=TEMPLATE, num_generations=args.num_generations, batch_size=args.prompts * args.num_generations,
-        max_completion_length=args.max_completion_length, learning_rate=args.learning_rate, max_steps=args.steps,
+        max_completion_length=args.max_completion_length, learning_rate=args.lr, max_steps=args.steps,
         beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, epsilon=0.2,
         max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, progress=False, seed=0,
         shuffle_dataset=False,  # the same prompts per step as TRL's unshuffled sampler
@@ -158,7 +159,7 @@ def run_r1kit(folder: Path, train, args, compile_generation: bool = False) -> tu
     result = grpo.train_grpo(config, model, tok, train_samples=order, reward_fn=reward,
                              callback=lambda m: cpu.append(time.process_time()))
     # the first step's CPU time also holds the setup; the median ignores it
-    times = [(h["time/step"], b - a) for h, a, b in zip(result.history, cpu, cpu[1:])]
+    times = [(h["time/step"], b - a, h["completions/mean_length"]) for h, a, b in zip(result.history, cpu, cpu[1:])]
     return times, model
 
 
@@ -174,20 +175,23 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--max-completion-length", type=int, default=48)
-    ap.add_argument("--learning-rate", type=float, default=2e-4)
-    ap.add_argument("--pretrain-seconds", default="tiny=90,25m=180")
+    ap.add_argument("--learning-rate", default="tiny=2e-4,25m=3e-5",
+                    help="GRPO learning rate per size (2e-4 collapsed the 25M model on both sides)")
+    ap.add_argument("--pretrain-seconds", default="tiny=90,25m=300")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     budgets = dict(kv.split("=") for kv in args.pretrain_seconds.split(","))
+    rates = dict(kv.split("=") for kv in args.learning_rate.split(","))
     train, held_out, everything = problems()
     tok = train_tokenizer([], kind="char")
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             work = Path(tmp) / size
+            args.lr = float(rates[size])
             torch.manual_seed(0)
             cfg = ModelConfig(model_type="qwen2", vocab_size=tok.vocab_size, max_position_embeddings=256,
                               tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -205,7 +209,8 @@ def main() -> int:
             r1_acc = held_out_pass1(r1_model, tok, held_out, args)
             comp_times, comp_model = run_r1kit(base, train, args, compile_generation=True)
             comp_acc = held_out_pass1(comp_model, tok, held_out, args)
-            trl_times, trl_folder = run_trl(base, train, args, work)
+            trl_lengths: list[float] = []
+            trl_times, trl_folder = run_trl(base, train, args, work, trl_lengths)
             trl_model, _ = r1kit.load(trl_folder)
             trl_acc = held_out_pass1(trl_model, tok, held_out, args)
             r1_step, trl_step, comp_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times, comp_times))
@@ -220,12 +225,16 @@ def main() -> int:
                 "trl_pass1": round(100 * trl_acc, 1), "accuracy_delta": round(100 * (r1_acc - trl_acc), 1),
                 "r1kit_compiled_s_per_step": round(comp_step, 3), "step_speedup_compiled": round(trl_step / comp_step, 2),
                 "r1kit_compiled_total_s": round(comp_total, 1), "r1kit_total_s": round(sum(t[0] for t in r1_times), 1),
-                "trl_total_s": round(sum(t[0] for t in trl_times), 1), "r1kit_compiled_pass1": round(100 * comp_acc, 1),
+                "trl_total_s": round(sum(t[0] for t in trl_times), 1), "r1kit_compiled_pass1": round(100 * comp_acc, 1), "learning_rate": args.lr,
+                # the work per step depends on how long the completions are: both sides, side by side
+                "r1kit_mean_completion_len": round(statistics.mean(float(t[2]) for t in r1_times), 1),
+                "trl_mean_completion_len": round(statistics.mean(float(x) for x in trl_lengths), 1) if trl_lengths else None,
             }
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
                   f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
-                  f"(base {f['base_pass1']}%)", flush=True)
+                  f"(base {f['base_pass1']}%); mean completion length r1kit {f['r1kit_mean_completion_len']} "
+                  f"TRL {f['trl_mean_completion_len']} tokens", flush=True)
             print(f"[{size}] with compile_generation: {comp_step:.3f} s/step -> {f['step_speedup_compiled']:.2f}x TRL; "
                   f"all {args.steps} steps incl. compiling {comp_total:.1f} s vs eager {f['r1kit_total_s']} s vs TRL "
                   f"{f['trl_total_s']} s; pass@1 {f['r1kit_compiled_pass1']}%", flush=True)

@@ -1,11 +1,13 @@
 """Training-step throughput: r1kit's model vs transformers' own, same configs, same weights.
 
-One step = forward + backward + AdamW on a (batch, seq) block of random tokens. The two sides are
-timed in alternating rounds in one process (this machine is noisy; only the ratio means much).
+One step = forward + backward + AdamW on a (batch, seq) block of random tokens. r1kit runs eagerly
+and with its forward under torch.compile (SFTConfig.compile; compile time printed, not timed); the
+sides are timed in alternating rounds in one process (this machine is noisy; only the ratio means much).
 
     HF_HUB_OFFLINE=1 python bench/train_step.py [--batch 8 --seq 128 --rounds 5 --steps 3]
 
-Last line: a JSON object with deepseek_v3_speedup and qwen2_speedup (ours / transformers).
+Last line: a JSON object with deepseek_v3_speedup and qwen2_speedup (ours / transformers), and the
+same with `_compiled`.
 """
 from __future__ import annotations
 
@@ -42,12 +44,15 @@ def configs():
     return {"deepseek_v3": (transformers.DeepseekV3ForCausalLM, ds), "qwen2": (transformers.Qwen2ForCausalLM, qwen)}
 
 
-def make_step(model, is_hf: bool):
+def make_step(model, is_hf: bool, compiled: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = torch.compile(lambda ids: model.loss(ids)["loss"]) if compiled else None
 
     def step(ids):
         if is_hf:
             loss = model(input_ids=ids, labels=ids).loss
+        elif compiled:
+            loss = loss_fn(ids)
         else:
             loss = model.loss(ids)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -66,13 +71,19 @@ def bench(name, cls, cfg, args):
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         ours, _ = r1kit.load(tmp)
+        ours_c, _ = r1kit.load(tmp)  # a second copy for the compiled side: same start, own optimizer
     ours.train()
+    ours_c.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # same weights, same function
         diff = (ours(ids) - hf_model(ids).logits).abs().max().item()
-    steps = {"r1kit": make_step(ours, False), "transformers": make_step(hf_model, True)}
-    for fn in steps.values():  # warm-up
+    steps = {"r1kit": make_step(ours, False), "r1kit_compiled": make_step(ours_c, False, compiled=True),
+             "transformers": make_step(hf_model, True)}
+    for side, fn in steps.items():  # warm-up (the compiled side compiles here, untimed)
+        t0 = time.perf_counter()
         fn(ids)
+        if side == "r1kit_compiled":
+            compile_s = time.perf_counter() - t0
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for side, fn in steps.items():
@@ -83,9 +94,11 @@ def bench(name, cls, cfg, args):
     tokens = args.batch * args.seq
     tps = {side: tokens / statistics.median(ts) for side, ts in times.items()}
     speedup = tps["r1kit"] / tps["transformers"]
-    print(f"{name:12s} r1kit {tps['r1kit']:9.0f} tok/s   transformers {tps['transformers']:9.0f} tok/s   "
-          f"speedup {speedup:.2f}x   (initial logits max diff {diff:.1e})")
-    return tps, speedup
+    compiled = tps["r1kit_compiled"] / tps["transformers"]
+    print(f"{name:12s} r1kit {tps['r1kit']:9.0f} tok/s, compiled {tps['r1kit_compiled']:9.0f} tok/s "
+          f"({compile_s:.0f} s to compile)   transformers {tps['transformers']:9.0f} tok/s   "
+          f"speedup {speedup:.2f}x eager, {compiled:.2f}x compiled   (initial logits max diff {diff:.1e})")
+    return tps, speedup, compiled
 
 
 def main():
@@ -99,8 +112,10 @@ def main():
           f"batch {args.batch} x seq {args.seq}, fwd+bwd+AdamW")
     figures = {}
     for name, (cls, cfg) in configs().items():
-        tps, speedup = bench(name, cls, cfg, args)
+        tps, speedup, compiled = bench(name, cls, cfg, args)
         figures[f"{name}_speedup"] = round(speedup, 3)
+        figures[f"{name}_speedup_compiled"] = round(compiled, 3)
+        figures[f"{name}_r1kit_compiled_tokens_per_s"] = round(tps["r1kit_compiled"], 1)
         figures[f"{name}_r1kit_tokens_per_s"] = round(tps["r1kit"], 1)
         figures[f"{name}_transformers_tokens_per_s"] = round(tps["transformers"], 1)
     print(json.dumps(figures))

@@ -71,6 +71,7 @@ class SFTConfig:
     # --- precision, memory, scale
     bf16: bool | str = "auto"  # auto: bf16 autocast on GPUs that support it
     gradient_checkpointing: bool = False
+    compile: bool | str = False  # torch.compile the training forward (True: inductor; a string: that backend)
     device: str = "auto"
     distributed: str = "auto"  # auto (DDP under torchrun) | ddp | fsdp | none
     torch_threads: int = 0  # 0: torch's default
@@ -357,6 +358,8 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
     if config.check_memory and info.device.type == "cuda":
         preflight(model, config, info)
     wrapped, mode = dist_.wrap(model, info, config.distributed)
+    if config.compile:  # after wrapping: DDP/FSDP hooks stay outside the compiled graphs
+        wrapped = torch.compile(wrapped, backend=config.compile if isinstance(config.compile, str) else "inductor")
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     use_bf16 = config.bf16 is True or (config.bf16 == "auto" and info.device.type == "cuda"
