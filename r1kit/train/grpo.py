@@ -771,7 +771,8 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     """Phase 5. Each minibatch is one optimizer step, its micro-batches accumulate gradients.
 
     Micro-batch losses are weighted by their share of the minibatch's completions, so a minibatch
-    split into micro-batches gives the gradient of the whole minibatch (grpo, dr_grpo, gspo, bnpo);
+    split into micro-batches gives the gradient of the whole minibatch (grpo, dr_grpo, gspo; bnpo
+    normalises by each micro-batch's tokens, as TRL does);
     dapo normalises by the minibatch's active tokens (over all ranks / world size: DDP averages).
     A non-finite loss or gradient skips the optimizer step; the parameters stay as they were. The
     backward still runs, so every DDP rank joins the same all-reduce and all of them skip together.
@@ -794,7 +795,9 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 num_items = num_items / world_size
             optimizer.zero_grad(set_to_none=True)
             bad = False
-            if world_size == 1:  # every DDP rank must run the same number of backward passes
+            # length buckets: not under DDP (every rank must run the same number of backward passes),
+            # not for bnpo (it normalises by each micro-batch's own tokens, as TRL does)
+            if world_size == 1 and config.loss_type != "bnpo":
                 chunks = length_buckets(mb_rows, rollout.lengths(), micro)
             else:
                 chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
