@@ -125,8 +125,8 @@ def sample(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     B, V = logits.shape
     dev = logits.device
     if not torch.is_tensor(temperature) and temperature == 0:
-        tokens = logits.argmax(dim=-1)
-        return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+        tokens = logits.argmax(dim=-1)  # log_softmax is one fused kernel; logsumexp is several
+        return tokens, logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
     t = _column(temperature, B, dev, torch.float32)
     greedy_rows = (t == 0) if torch.is_tensor(t) else None
