@@ -85,3 +85,18 @@ def test_saving_a_prepared_model_round_trips(tmp_path):
     ids = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert (loaded(ids) - plain(ids)).abs().max().item() < 1e-5
+
+
+def test_quantizing_after_prepare_uses_the_quantized_layers():
+    """A layer replaced on its parent (int8) switches the parent back to its layers one by one:
+    the fused full-precision matrix must not silently bypass the quantization."""
+    from r1kit.quantize import quantize_int8
+
+    plain, fused = _pair("qwen2")
+    quantize_int8(plain)
+    quantize_int8(fused)
+    assert not fused.model.layers[0].self_attn.fused.usable()
+    assert not fused.model.layers[0].mlp.fused.usable()
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert (plain(ids) - fused(ids)).abs().max().item() < 1e-4

@@ -27,9 +27,13 @@ from torch import nn
 
 
 class Fused:
-    """Linear layers over one input, stored as the column blocks of one (in, sum(out)) matrix."""
+    """Linear layers over one input, stored as the column blocks of one (in, sum(out)) matrix.
+    `parent.<name>` are the layers; they are looked up again on every use, so a layer replaced on
+    the parent (a quantized one, say) switches the parent back to its layers one by one."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, parent: nn.Module, names: list[str]):
+        self.parent, self.names = parent, names
+        linears = [getattr(parent, n) for n in names]
         self.linears = linears
         self.sizes = [lin.out_features for lin in linears]
         with torch.no_grad(), torch.inference_mode(False):
@@ -58,7 +62,9 @@ class Fused:
         if torch.is_grad_enabled():
             return False
         ptr, step = self.weight.data_ptr(), self.weight.element_size()
-        for lin, off, no_bias in zip(self.linears, self.offsets, self.bias_free):
+        for name, lin, off, no_bias in zip(self.names, self.linears, self.offsets, self.bias_free):
+            if getattr(self.parent, name, None) is not lin:
+                return False
             w = getattr(lin, "weight", None)
             if not isinstance(w, nn.Parameter) or w.data_ptr() != ptr + off * step or w.device != self.weight.device:
                 return False
@@ -92,15 +98,15 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
         if getattr(module, "fused", None) is not None:
             continue
         if isinstance(module, GQAttention):
-            parts = [module.q_proj, module.k_proj, module.v_proj]
+            names = ["q_proj", "k_proj", "v_proj"]
         elif isinstance(module, MLAttention):
-            parts = [module.q_a_proj if module.q_lora_rank else module.q_proj, module.kv_a_proj_with_mqa]
+            names = ["q_a_proj" if module.q_lora_rank else "q_proj", "kv_a_proj_with_mqa"]
         elif isinstance(module, MLP):
-            parts = [module.gate_proj, module.up_proj]
+            names = ["gate_proj", "up_proj"]
         else:
             continue
-        if all(type(p) is nn.Linear for p in parts):
-            module.fused = Fused(parts)
+        if all(type(getattr(module, n)) is nn.Linear for n in names):
+            module.fused = Fused(module, names)
     fused_ids = {id(lin.weight) for m in model.modules() if getattr(m, "fused", None) is not None
                  for lin in m.fused.linears}
     for module in model.modules():
