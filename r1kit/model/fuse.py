@@ -58,7 +58,7 @@ class Fused:
 
     @torch.compiler.assume_constant_result  # a compiled decode step decides once, at trace time
     def usable(self) -> bool:
-        """True when no gradient is needed and every layer still views its block."""
+        """True when no gradient is needed and every layer's weight and bias still view their block."""
         if torch.is_grad_enabled():
             return False
         ptr, step = self.weight.data_ptr(), self.weight.element_size()
@@ -69,6 +69,8 @@ class Fused:
             if not isinstance(w, nn.Parameter) or w.data_ptr() != ptr + off * step or w.device != self.weight.device:
                 return False
             if no_bias != (lin.bias is None):
+                return False
+            if not no_bias and lin.bias.data_ptr() != self.bias.data_ptr() + off * self.bias.element_size():
                 return False
         return True
 
