@@ -223,15 +223,23 @@ def render(run_dir: Path, recipe: dict, summary: dict, title: str = "r1kit quick
     return written
 
 
+def _cells(r: dict) -> dict[str, str]:
+    """One results row as the texts both tables show (markdown and HTML add their own markup)."""
+    k = str(r["k"])
+    return {
+        "model": str(r["model"]), "role": ROLE_LABELS.get(r["role"], r["role"]),
+        "params": f"{r['parameters'] / 1e6:.2f}M" if r.get("parameters") else "-",
+        "pass1": f"{r['pass1']:.1f}", "ci": f"({r['pass1_ci'][0]:.1f}-{r['pass1_ci'][1]:.1f})",
+        "cons": f"{r['cons_at_k']:.1f} (k={k})", "passk": f"{r['pass_at_k'].get(k, float('nan')):.1f}",
+        "tokens": f"{r.get('mean_tokens', float('nan')):.0f}",
+    }
+
+
 def _table_md(rows: list[dict]) -> str:
     lines = ["| model | parameters | pass@1 (95% CI) | cons@k | pass@k | mean tokens |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        k = str(r["k"])
-        params = f"{r['parameters'] / 1e6:.2f}M" if r.get("parameters") else "-"
-        lines.append(f"| {r['model']} ({ROLE_LABELS.get(r['role'], r['role'])}) | {params} | "
-                     f"**{r['pass1']:.1f}** ({r['pass1_ci'][0]:.1f}-{r['pass1_ci'][1]:.1f}) | "
-                     f"{r['cons_at_k']:.1f} (k={k}) | {r['pass_at_k'].get(k, float('nan')):.1f} | "
-                     f"{r.get('mean_tokens', float('nan')):.0f} |")
+    for c in map(_cells, rows):
+        lines.append(f"| {c['model']} ({c['role']}) | {c['params']} | **{c['pass1']}** {c['ci']} | "
+                     f"{c['cons']} | {c['passk']} | {c['tokens']} |")
     return "\n".join(lines)
 
 
@@ -304,13 +312,10 @@ def html_page(data: dict, rows: list[dict], summary: dict, images: dict, title: 
 
     table = ["<table><tr><th>model</th><th>parameters</th><th>pass@1 (95% CI)</th><th>cons@k</th><th>pass@k</th>"
              "<th>mean tokens</th></tr>"]
-    for r in rows:
-        k = str(r["k"])
-        params = f"{r['parameters'] / 1e6:.2f}M" if r.get("parameters") else "-"
-        table.append(f"<tr><td>{esc(r['model'])} <span class=muted>({esc(ROLE_LABELS.get(r['role'], r['role']))})</span></td>"
-                     f"<td>{params}</td><td><b>{r['pass1']:.1f}</b> ({r['pass1_ci'][0]:.1f}-{r['pass1_ci'][1]:.1f})</td>"
-                     f"<td>{r['cons_at_k']:.1f} (k={k})</td><td>{r['pass_at_k'].get(k, float('nan')):.1f}</td>"
-                     f"<td>{r.get('mean_tokens', float('nan')):.0f}</td></tr>")
+    for c in map(_cells, rows):
+        table.append(f"<tr><td>{esc(c['model'])} <span class=muted>({esc(c['role'])})</span></td>"
+                     f"<td>{c['params']}</td><td><b>{c['pass1']}</b> {c['ci']}</td>"
+                     f"<td>{c['cons']}</td><td>{c['passk']}</td><td>{c['tokens']}</td></tr>")
     table.append("</table>")
     trace_html = []
     for t in traces(data):
