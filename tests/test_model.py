@@ -177,6 +177,28 @@ def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
         assert (moe(x) - _dense_moe_reference(moe, x)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("n_tokens", [1, 3, 4])
+def test_decode_moe_gathers_expert_weights_and_equals_dense_reference(n_tokens, monkeypatch):
+    """A few tokens without grad (decoding): each (token, expert) pair runs with its expert's
+    weights gathered, no sort and no grouped GEMM (so a compiled step stays one graph)."""
+    import r1kit.model.moe as moe_mod
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", routed_scaling_factor=2.5)
+    moe = Transformer(cfg).model.layers[1].mlp.eval()
+    moe.gate.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(n_tokens, 1, cfg.hidden_size)
+    with torch.no_grad():
+        ref = _dense_moe_reference(moe, x)
+
+    def no_grouped(*a, **k):
+        raise AssertionError("decode-sized MoE took the grouped path")
+
+    monkeypatch.setattr(moe_mod, "_grouped_swiglu", no_grouped)
+    with torch.no_grad():
+        assert (moe(x) - ref).abs().max().item() < 1e-5
+
+
 def test_group_limited_routing_keeps_chosen_experts_in_topk_groups():
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)

@@ -10,7 +10,9 @@ step b_i moves by gamma against the expert's load (auxiliary-loss-free balancing
 softmax affinity with a plain top-k.
 
 Dispatch sorts the (token, expert) pairs by expert so that each expert runs once, on exactly the
-tokens routed to it; no expert ever sees a token it was not chosen for.
+tokens routed to it; no expert ever sees a token it was not chosen for. When decoding a few tokens
+without grad, each (token, expert) pair instead gathers its expert's weights and runs as one batched
+matrix-vector product: fixed shapes (torch.compile keeps the whole step in one graph) and fewer kernels.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         n_tokens, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
+        if not torch.is_grad_enabled() and n_tokens * k <= self.gate_up_proj.shape[0]:
+            return self._gathered(x, flat, gates)
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
         token_of = order // k
         # a fixed-size histogram (bincount's size depends on the data, which breaks torch.compile graphs)
@@ -94,6 +98,16 @@ class Experts(nn.Module):
             ys = self._loop(xs, counts.tolist())
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def _gathered(self, x: torch.Tensor, flat: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Decode: pair p = (token p // k, its expert flat[p]) runs with that expert's weights gathered.
+        Used only when the pairs are no more than the experts, so no more weight is read than by
+        the grouped path."""
+        n_tokens, k = gates.shape
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (P, H, 1)
+        gate, up = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)
+        ys = torch.bmm(self.down_proj[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # (P, H)
+        return (ys.view(n_tokens, k, -1) * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
     def _can_group(self, xs: torch.Tensor) -> bool:
         # the grouped kernels need 16-byte aligned rows (and bf16 on CUDA)
