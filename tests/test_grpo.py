@@ -8,6 +8,7 @@ from threads, and the suite shares two cores.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -184,6 +185,50 @@ def test_bucketed_trimmed_logprobs_equal_one_padded_batch(tok):
     mask = rollout.completion_mask.bool()
     assert (whole - pieces).abs()[mask].max().item() < 1e-5
     assert (pieces[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("flat_groups", [[0, 2], [0, 1, 2, 3]])
+def test_update_skipping_zero_advantage_rows_takes_the_same_step(tok, flat_groups):
+    """beta = 0: rows of groups whose rewards were all equal (A = 0) add nothing to the gradient;
+    leaving them out of the forward gives the same parameters after the optimizer step."""
+    import copy
+
+    from r1kit.engine import Engine
+    from r1kit.train.grpo_loss import group_advantages
+
+    G, n_prompts = 4, 4
+    config = quick_config(num_generations=G, batch_size=G * n_prompts, max_completion_length=12, temperature=1.0).resolved()
+    base = dense_model(tok, seed=3)
+    samples = toy_samples(n_prompts)
+    prompts = [tok.encode(s["prompt"], add_special_tokens=True) for s in samples]
+    engine = Engine(copy.deepcopy(base), tok, max_batch_size=16, max_seq_len=64)
+    with torch.inference_mode():
+        rollout = grpo.generate_rollout(engine, tok, samples, prompts, config, seed=1)
+    rewards = torch.tensor([float(i % 3 == 0) for i in range(G * n_prompts)])
+    for g in flat_groups:
+        rewards[g * G:(g + 1) * G] = 1.0
+    rollout.rewards = rewards
+    rollout.advantages = group_advantages(rewards, G, "group")
+
+    def one_step(skip: bool):
+        model = copy.deepcopy(base)
+        cfg = dataclasses.replace(config, skip_zero_advantage=skip)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():  # Adam carries moments: a step with zero gradient still moves the weights
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        out = grpo._update(cfg, model, model, opt, sched, rollout, minibatch=len(rollout), micro=5, world_size=1, step=0)
+        return model, out
+
+    full, out_full = one_step(False)
+    lean, out_lean = one_step(True)
+    assert out_full["update/rows_skipped"] == 0
+    assert out_lean["update/rows_skipped"] == pytest.approx(min(len(flat_groups) * G, len(rollout) - 1) / len(rollout))
+    for a, b in zip(full.parameters(), lean.parameters()):
+        assert (a - b).abs().max().item() < 1e-6
+    assert all(math.isfinite(out_lean[k]) for k in ("loss", "entropy", "grad_norm"))
 
 
 # ---------------------------------------------------------------------------- bad input

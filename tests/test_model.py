@@ -174,10 +174,12 @@ def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
     moe.gate.e_score_correction_bias.normal_(0, 0.2)
     x = torch.randn(3, 11, cfg.hidden_size)
     with torch.no_grad():
-        assert (moe(x) - _dense_moe_reference(moe, x)).abs().max().item() < 1e-5
+        ref = _dense_moe_reference(moe, x)
+    out = moe(x)  # with grad: the sorted, grouped dispatch (not the decode gather)
+    assert (out.detach() - ref).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("n_tokens", [1, 3, 4])
+@pytest.mark.parametrize("n_tokens", [1, 3, 16])
 def test_decode_moe_gathers_expert_weights_and_equals_dense_reference(n_tokens, monkeypatch):
     """A few tokens without grad (decoding): each (token, expert) pair runs with its expert's
     weights gathered, no sort and no grouped GEMM (so a compiled step stays one graph)."""

@@ -27,6 +27,9 @@ from r1kit.model.layers import MLP
 # One grouped GEMM over all experts (CPU kernels since torch 2.10, CUDA SM80+); the per-expert
 # loop is the fallback for older torch.
 _grouped_mm = getattr(F, "grouped_mm", None)
+# Decode batches whose (token, expert) pairs' weights fit in this many bytes gather them (a copy):
+# few kernels and fixed shapes; beyond it the copy would cost more than the grouped GEMM's reads.
+_GATHER_BYTES = 16 * 2**20
 
 
 class Router(nn.Module):
@@ -84,7 +87,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         n_tokens, k = expert_ids.shape
         flat = expert_ids.reshape(-1)
-        if not torch.is_grad_enabled() and n_tokens * k <= self.gate_up_proj.shape[0]:
+        if not torch.is_grad_enabled() and n_tokens * k * self._expert_bytes() <= _GATHER_BYTES:
             return self._gathered(x, flat, gates)
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
         token_of = order // k
@@ -99,14 +102,18 @@ class Experts(nn.Module):
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
+    def _expert_bytes(self) -> int:
+        return (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
+
     def _gathered(self, x: torch.Tensor, flat: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Decode: pair p = (token p // k, its expert flat[p]) runs with that expert's weights gathered.
-        Used only when the pairs are no more than the experts, so no more weight is read than by
-        the grouped path."""
+        """Decode: pair p = (token p // k, expert flat[p]) runs with that expert's weights gathered
+        (index_select: a plain copy, only while the pairs' weights are small; see _GATHER_BYTES)."""
         n_tokens, k = gates.shape
-        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # (P, H, 1)
-        gate, up = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)
-        ys = torch.bmm(self.down_proj[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # (P, H)
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (P, 1, H): a row per pair
+        gate_up = torch.index_select(self.gate_up_proj, 0, flat)  # (P, 2I, H)
+        gate, up = torch.bmm(xs, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        down = torch.index_select(self.down_proj, 0, flat)  # (P, H, I)
+        ys = torch.bmm(F.silu(gate) * up, down.transpose(1, 2)).squeeze(1)  # (P, H)
         return (ys.view(n_tokens, k, -1) * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
     def _can_group(self, xs: torch.Tensor) -> bool:

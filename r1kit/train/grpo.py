@@ -94,6 +94,7 @@ class GRPOConfig:
     num_minibatches: int = 1  # optimizer steps per pass (R1: 16)
     micro_batch_size: int | None = None  # completions per forward/backward; None: a whole minibatch
     mask_truncated_completions: bool = False
+    skip_zero_advantage: bool = True  # beta = 0: rows whose advantage is 0 add no gradient; skip their forward
     use_bias_correction_kl: bool = False  # TRL 1.16 defaults to True; R1's Eq. 2 does not have it
     ref_model_sync_steps: int = 0  # reset the reference to the policy every N steps (R1: 400); 0: never
     dynamic_sampling: bool | None = None  # drop groups with equal rewards, refill (dapo: on)
@@ -781,7 +782,9 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     B = len(rollout)
     gen = torch.Generator().manual_seed(config.seed * 7919 + step)
     sums: dict[str, float] = {}
-    count, skipped, nonfinite_loss = 0, 0, 0
+    count, skipped, nonfinite_loss, rows_skipped = 0, 0, 0, 0
+    no_gradient = _rows_without_gradient(config, model, rollout)
+    lengths = rollout.lengths()
     for _ in range(config.num_iterations):
         perm = torch.randperm(B, generator=gen).tolist() if config.num_minibatches > 1 else list(range(B))
         for start in range(0, B, minibatch):
@@ -795,10 +798,14 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 num_items = num_items / world_size
             optimizer.zero_grad(set_to_none=True)
             bad = False
-            # length buckets: not under DDP (every rank must run the same number of backward passes),
-            # not for bnpo (it normalises by each micro-batch's own tokens, as TRL does)
+            # length buckets and skipped rows: not under DDP (every rank must run the same number of
+            # backward passes), not for bnpo (it normalises by each micro-batch's own tokens, as TRL does)
             if world_size == 1 and config.loss_type != "bnpo":
-                chunks = length_buckets(mb_rows, rollout.lengths(), micro)
+                train_rows = [r for r in mb_rows if r not in no_gradient] if no_gradient else mb_rows
+                if not train_rows:  # one short row still runs: its zero gradient steps Adam as the full pass would
+                    train_rows = [min(mb_rows, key=lengths.__getitem__)]
+                rows_skipped += len(mb_rows) - len(train_rows)
+                chunks = length_buckets(train_rows, lengths, micro)
             else:
                 chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
             for rows in chunks:
@@ -847,8 +854,26 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
         out["grad_norm"] = sums["grad_norm"] / max(1, n_steps - skipped)
     out["skipped"] = skipped
     out["skipped_optimizer_steps"] = skipped
+    out["update/rows_skipped"] = rows_skipped / max(1, config.num_iterations * B)
     out["nonfinite_loss"] = nonfinite_loss
     return out
+
+
+def _rows_without_gradient(config, model, rollout: Rollout) -> set[int]:
+    """Rows the update may leave out without changing the gradient: with no KL term (beta = 0),
+    a row whose advantage is exactly 0 (its group's rewards were all equal) or that has no
+    completion token left adds exactly 0 to every variant's loss and gradient. The losses keep
+    their denominators (the minibatch's rows and tokens), so the step is the same as with them in.
+    Often half the groups early in R1-Zero training, a forward and backward saved for each row.
+    What changes: `entropy` and `loss` are logged over the rows that ran, and an MoE model's expert
+    load (for the balancing bias) counts only their tokens. Not when a sequence-wise balance loss
+    is on: it sees every row's routing."""
+    if not config.skip_zero_advantage or config.beta != 0 or rollout.advantages is None:
+        return set()
+    if getattr(model.config, "aux_loss_alpha", 0) and getattr(model.config, "is_moe", False):
+        return set()
+    zero = (rollout.advantages == 0) | (rollout.completion_mask.sum(1) == 0)
+    return set(torch.nonzero(zero).flatten().tolist())
 
 
 def _rollout_metrics(sampled: Rollout, trained: Rollout, G: int) -> dict:
