@@ -201,6 +201,30 @@ def test_decode_moe_gathers_expert_weights_and_equals_dense_reference(n_tokens, 
         assert (moe(x) - ref).abs().max().item() < 1e-5
 
 
+def test_grouped_experts_op_has_the_eager_gradient_and_compiles_in_one_graph():
+    """Under torch.compile the grouped dispatch runs as one custom op (r1kit::grouped_swiglu) with
+    its own backward, so a DeepSeek model's forward and backward trace as a single graph."""
+    from r1kit.model.moe import _grouped_swiglu, grouped_swiglu_op
+
+    torch.manual_seed(0)
+    E, P, H, I = 4, 40, 16, 8
+    xs, w1, w2 = (torch.randn(*shape, requires_grad=True) for shape in ((P, H), (E, 2 * I, H), (E, H, I)))
+    counts = torch.tensor([10, 0, 20, 10])  # an expert with no rows
+    y = _grouped_swiglu(xs, w1, w2, counts)
+    dy = torch.randn_like(y)
+    ref = torch.autograd.grad(y, (xs, w1, w2), dy)
+    y_op, _ = grouped_swiglu_op(xs, w1, w2, counts.cumsum(0).to(torch.int32))
+    got = torch.autograd.grad(y_op, (xs, w1, w2), dy)
+    assert torch.equal(y, y_op)
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+    torch.library.opcheck(grouped_swiglu_op, (xs, w1, w2, counts.cumsum(0).to(torch.int32)))
+
+    model = Transformer(ModelConfig.preset("tiny", num_nextn_predict_layers=0)).train()
+    explained = torch._dynamo.explain(lambda ids: model.loss(ids)["loss"])(torch.randint(0, 512, (2, 16)))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
 def test_group_limited_routing_keeps_chosen_experts_in_topk_groups():
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)

@@ -10,9 +10,10 @@ step b_i moves by gamma against the expert's load (auxiliary-loss-free balancing
 softmax affinity with a plain top-k.
 
 Dispatch sorts the (token, expert) pairs by expert so that each expert runs once, on exactly the
-tokens routed to it; no expert ever sees a token it was not chosen for. When decoding a few tokens
-without grad, each (token, expert) pair instead gathers its expert's weights and runs as one batched
-matrix-vector product: fixed shapes (torch.compile keeps the whole step in one graph) and fewer kernels.
+tokens routed to it; no expert ever sees a token it was not chosen for (one grouped GEMM; under
+torch.compile it runs as the custom op r1kit::grouped_swiglu with its own backward, so a compiled
+forward and backward stay one graph). When decoding a few tokens without grad, each (token, expert)
+pair instead gathers its expert's weights into one batched product: fewer kernels, fixed shapes.
 """
 from __future__ import annotations
 
@@ -69,11 +70,64 @@ class Router(nn.Module):
         return expert_ids, gates * self.routed_scaling_factor, scores
 
 
-@torch.compiler.disable  # grouped_mm has no float32 fake kernel: a compiled graph calls it eagerly
 def _grouped_swiglu(xs, gate_up_proj, down_proj, counts):
+    """Every expert's SwiGLU on its run of rows of xs (sorted by expert; `counts` rows each)."""
     offsets = counts.cumsum(0).to(torch.int32)
+    if torch.compiler.is_compiling():  # grouped_mm has no float32 fake kernel: trace our op instead
+        return grouped_swiglu_op(xs, gate_up_proj, down_proj, offsets)[0]
     gate, up = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
     return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)
+
+
+# The same as one opaque op with its own backward, so that torch.compile keeps a MoE model's forward
+# and backward in one graph. It also returns the gate|up activations, which its backward needs.
+@torch.library.custom_op("r1kit::grouped_swiglu", mutates_args=())
+def grouped_swiglu_op(xs: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                      offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    h = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets)
+    gate, up = h.chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets), h
+
+
+@grouped_swiglu_op.register_fake
+def _(xs, gate_up_proj, down_proj, offsets):
+    return xs.new_empty(xs.shape[0], down_proj.shape[1]), xs.new_empty(xs.shape[0], gate_up_proj.shape[1])
+
+
+def _grouped_swiglu_setup(ctx, inputs, output):
+    xs, gate_up_proj, down_proj, offsets = inputs
+    ctx.save_for_backward(xs, gate_up_proj, down_proj, offsets, output[1])
+
+
+def _grouped_swiglu_backward(ctx, dy, dh_out):
+    xs, w1, w2, offsets, h = ctx.saved_tensors
+    if dh_out is None:
+        dh_out = torch.zeros_like(h)
+    dxs, d_gate_up, d_down = grouped_swiglu_grad(dy, dh_out, xs, w1, w2, offsets, h)
+    return dxs, d_gate_up, d_down, None
+
+
+@torch.library.custom_op("r1kit::grouped_swiglu_grad", mutates_args=())
+def grouped_swiglu_grad(dy: torch.Tensor, dh_out: torch.Tensor, xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                        offsets: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy = dy.contiguous()  # the kernels need real strides (a loss of .sum() hands down an expanded tensor)
+    gate, up = h.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    da = _grouped_mm(dy, w2, offs=offsets)  # (P, I): dy @ down[e]
+    d_down = _grouped_mm(dy.t(), silu * up, offs=offsets)  # (E, H, I): summed over each expert's rows
+    dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * silu], dim=-1) + dh_out
+    dxs = _grouped_mm(dh, w1, offs=offsets)  # (P, H)
+    d_gate_up = _grouped_mm(dh.t(), xs, offs=offsets)  # (E, 2I, H)
+    return dxs, d_gate_up, d_down
+
+
+@grouped_swiglu_grad.register_fake
+def _(dy, dh_out, xs, w1, w2, offsets, h):
+    return torch.empty_like(xs), torch.empty_like(w1), torch.empty_like(w2)
+
+
+grouped_swiglu_op.register_autograd(_grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
 
 
 class Experts(nn.Module):
