@@ -14,6 +14,10 @@ For each size:
 3. seconds per step (median over the steps, so the first step's warm-up does not count; wall time and,
    since the machine is shared, CPU time of this single-threaded process too) and held-out
    pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6).
+4. where the time goes: each side's rollout (TRL's `_generate_and_score_completions`, timed by a
+   wrapper; r1kit's generation) and update. Both updates run the same forward and backward products
+   (r1kit leaves out the rows whose advantage is 0, see GRPOConfig.skip_zero_advantage), so
+   TRL's step / r1kit's update bounds the speedup any rollout engine could bring.
 r1kit runs twice: as configured by default, and with `compile_generation=True` (its decode step
 compiled once per batch size; the compile time lands in the first steps, so the total time of all
 steps is printed too).
@@ -93,7 +97,7 @@ def pretrain(model, tok, rows, seconds: float, lr: float) -> int:
     return step
 
 
-def run_trl(folder: Path, train, args, workdir: Path, lengths: list) -> tuple[list[float], Path]:
+def run_trl(folder: Path, train, args, workdir: Path, lengths: list, rollout_times: list) -> tuple[list[float], Path]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -130,6 +134,16 @@ def run_trl(folder: Path, train, args, workdir: Path, lengths: list) -> tuple[li
 
     trainer = GRPOTrainer(model=hf_model, reward_funcs=trl_reward, args=config, train_dataset=ds,
                           processing_class=hf_tok, callbacks=[Clock()])
+    rollout = trainer._generate_and_score_completions  # generation + rewards + advantages, once per step
+
+    def timed_rollout(*a, **k):
+        t = time.perf_counter()
+        try:
+            return rollout(*a, **k)
+        finally:
+            rollout_times.append(time.perf_counter() - t)
+
+    trainer._generate_and_score_completions = timed_rollout
     trainer.train()
     lengths.extend(h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h)
     out = workdir / "trl-final"
@@ -159,7 +173,8 @@ def run_r1kit(folder: Path, train, args, compile_generation: bool = False) -> tu
     result = grpo.train_grpo(config, model, tok, train_samples=order, reward_fn=reward,
                              callback=lambda m: cpu.append(time.process_time()))
     # the first step's CPU time also holds the setup; the median ignores it
-    times = [(h["time/step"], b - a, h["completions/mean_length"]) for h, a, b in zip(result.history, cpu, cpu[1:])]
+    times = [(h["time/step"], b - a, h["completions/mean_length"], h["time/generate"], h["time/update"])
+             for h, a, b in zip(result.history, cpu, cpu[1:])]
     return times, model
 
 
@@ -210,12 +225,16 @@ def main() -> int:
             comp_times, comp_model = run_r1kit(base, train, args, compile_generation=True)
             comp_acc = held_out_pass1(comp_model, tok, held_out, args)
             trl_lengths: list[float] = []
-            trl_times, trl_folder = run_trl(base, train, args, work, trl_lengths)
+            trl_rollout: list[float] = []
+            trl_times, trl_folder = run_trl(base, train, args, work, trl_lengths, trl_rollout)
             trl_model, _ = r1kit.load(trl_folder)
             trl_acc = held_out_pass1(trl_model, tok, held_out, args)
             r1_step, trl_step, comp_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times, comp_times))
             comp_total = sum(t[0] for t in comp_times)  # compiling is paid in the first steps: the sum shows it
             r1_cpu, trl_cpu = (statistics.median(t[1] for t in ts) for ts in (r1_times, trl_times))
+            # where the time goes: rollout (generation, rewards) and update, each side
+            r1_gen, r1_upd = (statistics.median(t[k] for t in r1_times[1:] or r1_times) for k in (3, 4))
+            trl_gen = statistics.median(trl_rollout[1:] or trl_rollout) if trl_rollout else float("nan")
             figures[size] = {
                 "params_m": round(n_params / 1e6, 2), "r1kit_s_per_step": round(r1_step, 3),
                 "trl_s_per_step": round(trl_step, 3), "step_speedup": round(trl_step / r1_step, 2),
@@ -229,12 +248,20 @@ def main() -> int:
                 # the work per step depends on how long the completions are: both sides, side by side
                 "r1kit_mean_completion_len": round(statistics.mean(float(t[2]) for t in r1_times), 1),
                 "trl_mean_completion_len": round(statistics.mean(float(x) for x in trl_lengths), 1) if trl_lengths else None,
+                "r1kit_generate_s": round(r1_gen, 3), "r1kit_update_s": round(r1_upd, 3),
+                "trl_rollout_s": round(trl_gen, 3), "trl_update_s": round(trl_step - trl_gen, 3),
+                # r1kit's update does the same products as TRL's less the skipped rows: with generation
+                # free, the step could be at most this much faster than TRL's
+                "step_speedup_bound_free_generation": round(trl_step / r1_upd, 2),
             }
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
                   f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
                   f"(base {f['base_pass1']}%); mean completion length r1kit {f['r1kit_mean_completion_len']} "
                   f"TRL {f['trl_mean_completion_len']} tokens", flush=True)
+            print(f"[{size}] where the time goes (median s/step): r1kit generate {r1_gen:.3f} + update {r1_upd:.3f}; "
+                  f"TRL generate+score {trl_gen:.3f} + the rest (update) {trl_step - trl_gen:.3f}; with generation free, "
+                  f"r1kit's step could be at most {f['step_speedup_bound_free_generation']:.2f}x TRL's", flush=True)
             print(f"[{size}] with compile_generation: {comp_step:.3f} s/step -> {f['step_speedup_compiled']:.2f}x TRL; "
                   f"all {args.steps} steps incl. compiling {comp_total:.1f} s vs eager {f['r1kit_total_s']} s vs TRL "
                   f"{f['trl_total_s']} s; pass@1 {f['r1kit_compiled_pass1']}%", flush=True)

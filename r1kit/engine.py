@@ -273,11 +273,11 @@ class Engine:
                  num_threads: int | None = None, fuse: bool = True, compile: bool | str = False):
         """`compile`: run decode steps through torch.compile (True: inductor, with CUDA graphs on a
         GPU; a string names another backend). Shapes are made static for it: every step attends over
-        the whole cache under the mask, and each batch size compiles once. It pays most on a GPU,
-        where a step is launch-bound. On this project's CPU it made batch-1 decoding 1.5-2x faster
-        (bench/decode.py; at batch 16 from 1.3x faster to 10% slower), but each new batch size
-        compiles for 10-40 s, so the default is off. The server's continuous batch (Scheduler)
-        always runs eagerly."""
+        the whole cache under the mask, and each batch size compiles once. It pays most where a
+        step is launch-bound: a GPU, or small models on a CPU (bench/decode.py on this project's
+        CPU: batch 1 about 1.3-1.6x faster than eager for dense models and 5-8x for the tiny MoE
+        one, whose eager step is all overhead). Each new batch size compiles for 10-40 s, so the
+        default is off. The server's continuous batch (Scheduler) always runs eagerly."""
         self.num_threads = num_threads
         if fuse:  # fused projections and transposed weights for decoding (model/fuse.py); in place
             prepare_for_decode(model)
