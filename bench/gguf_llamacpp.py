@@ -1,12 +1,15 @@
-"""Exported GGUF in llama.cpp vs transformers on tiny random models: tokenization, logits, greedy tokens.
+"""Exported GGUF in llama.cpp vs transformers and r1kit on tiny random models: tokenization, logits,
+greedy tokens (transformers' full forward, r1kit's engine, llama.cpp).
 
-Needs llama-cpp-python (a source build, ~25 min on 2 cores; kept out of CI):
+Needs llama-cpp-python (a source build of several minutes on 2 cores; kept out of CI):
     pip install llama-cpp-python && HF_HUB_OFFLINE=1 python bench/gguf_llamacpp.py
 """
 import json, sys, tempfile
 from pathlib import Path
 import numpy as np, torch
 
+import r1kit
+from r1kit.engine import Engine, SamplingParams
 from r1kit.tokenizer import train_tokenizer, r1_prompt
 from r1kit.export import export_gguf
 from llama_cpp import Llama
@@ -44,6 +47,10 @@ for kind in ("bpe", "char"):
         for t in llm.generate(ours, temp=0.0, top_k=1, reset=True):
             lc_gen.append(t)
             if len(lc_gen) == 24: break
+        ours_model, _ = r1kit.load(d)
+        r1_gen = Engine(ours_model, max_batch_size=1, max_seq_len=len(ours) + 32).generate(
+            [ours], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+        llm.close()
         key = f"{family}-{kind}"
         first = next((i for i, (a, b) in enumerate(zip(hf_gen, lc_gen)) if a != b), None)
         if first is not None:
@@ -52,6 +59,7 @@ for kind in ("bpe", "char"):
             top2 = torch.topk(row, 2).values
             print(key, "diverges at", first, "hf top-2 margin", float(top2[0] - top2[1]), "hf", hf_gen[first], "llama.cpp", lc_gen[first])
         results[key] = {"tokenization_equal": tok_ok, "n_prompt_tokens": len(ours), "max_abs_logit_diff": diff,
-                        "logit_scale": float(np.abs(hf).max()), "greedy_equal": hf_gen == lc_gen}
+                        "logit_scale": float(np.abs(hf).max()), "greedy_equal": hf_gen == lc_gen,
+                        "r1kit_engine_greedy_equal_llamacpp": r1_gen == lc_gen}
         print(key, results[key], flush=True)
 print(json.dumps(results))
