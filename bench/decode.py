@@ -5,8 +5,10 @@
 Models: a tiny Qwen2 (hidden 256, 4 layers), a ~25M-parameter Qwen2 (hidden 512, 8 layers) and a
 tiny DeepSeek-V3 (MLA + MoE), each saved once by r1kit and loaded by both sides in float32. Greedy,
 128 new tokens (eos ignored), batch 1 and batch 16. r1kit runs twice: its eager engine and the
-same engine with `compile=True` (torch.compile, C++ wrapper on a CPU; compile time is printed and
-not timed, like both sides' warm-up). The sides alternate repetition by repetition (this machine is
+same engine with `compile=True, freeze=True` as `r1kit chat --compile` runs it (torch.compile, C++
+wrapper and weights frozen in on a CPU; compile time is printed and not timed, like both sides'
+warm-up). When llama-cpp-python is installed, llama.cpp runs the same weights (exported to GGUF by
+r1kit) at batch 1 with the same thread count. The sides alternate repetition by repetition (this machine is
 shared: an absolute time means little, a ratio measured side by side does) and the best repetition
 of each counts. Also printed: the fraction of measured memory bandwidth r1kit reaches on the 25M
 model at batch 1 (weight bytes read per token x tokens/s / copy bandwidth); for the dense models a
@@ -178,12 +180,15 @@ def main() -> int:
     eager_speedups: dict[tuple[str, int], float] = {}
     workdir = Path(tempfile.mkdtemp(prefix="r1kit-bench-"))
     g = torch.Generator().manual_seed(0)
+    from r1kit.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([], kind="char")  # prompts are random ids; the rows past it are padding tokens
     for name in args.models.split(","):
         config = ModelConfig.from_hf(MODELS[name])
         torch.manual_seed(0)
         model = Transformer(config).eval()
         folder = workdir / name
-        r1kit.save(model, None, folder)
+        r1kit.save(model, tokenizer, folder)  # a tokenizer too: the GGUF export for llama.cpp needs one
         ours, _ = r1kit.load(folder)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         n_params = sum(p.numel() for p in ours.parameters())
@@ -196,7 +201,8 @@ def main() -> int:
                                  pad_token_id=0)[0, PROMPT_LEN:].tolist()
         agree = sum(a == b for a, b in zip(mine, theirs))
         print(f"\n{name}: {n_params / 1e6:.1f}M parameters, greedy agreement with transformers {agree}/16")
-        compiled = Engine(ours, max_batch_size=16, max_seq_len=PROMPT_LEN + args.new_tokens, compile=True)
+        compiled = Engine(ours, max_batch_size=16, max_seq_len=PROMPT_LEN + args.new_tokens, compile=True,
+                          freeze=True)  # as `r1kit chat --compile`: weights compiled in
         for batch in (1, 16):
             prompts = torch.randint(0, config.vocab_size, (batch, PROMPT_LEN), generator=g).tolist()
             tc = time.perf_counter()

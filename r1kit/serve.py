@@ -476,7 +476,7 @@ def load_engine(path, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_seq_len:
     context = model.config.max_position_embeddings
     max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, context)
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, num_threads=num_threads,
-                  compile=compile)
+                  compile=compile, freeze=compile)  # weights loaded for inference never change
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

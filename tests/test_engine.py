@@ -72,6 +72,23 @@ def test_compiled_decode_equals_eager(model):
         assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-4
 
 
+def test_frozen_compiled_decode_equals_eager_and_refuses_changed_weights():
+    """freeze=True (inductor, weights compiled in as constants): the same greedy tokens; after an
+    in-place weight update the engine refuses to generate with its stale copy."""
+    torch._dynamo.reset()
+    model = make_model("tiny-dense", seed=4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    frozen = Engine(model, max_batch_size=2, max_seq_len=32, compile=True, freeze=True)
+    assert frozen.freeze
+    ref = Engine(model, max_batch_size=2, max_seq_len=32).generate([[1, 2, 3]], params)
+    assert frozen.generate([[1, 2, 3]], params)[0].token_ids == ref[0].token_ids
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)  # what an optimizer step does
+    with pytest.raises(RuntimeError, match="weights changed"):
+        frozen.generate([[1, 2, 3]], params)
+    Engine(model, max_batch_size=2, max_seq_len=32, compile="aot_eager").generate([[1, 2, 3]], params)  # not frozen: fine
+
+
 def test_batched_equals_one_at_a_time(model):
     engine = Engine(model, max_batch_size=64)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
