@@ -144,7 +144,11 @@ def time_llama_cpp(folder: Path, prompts, new_tokens: int):
         return None
     gguf = folder / "model.gguf"
     if not gguf.exists():
-        export_gguf(folder, gguf)
+        try:
+            export_gguf(folder, gguf)
+        except ValueError as e:  # GGUF export covers the dense (R1-Distill) families only
+            print(f"  llama.cpp not run: {str(e).split(': ', 1)[-1]}")
+            return None
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=PROMPT_LEN + new_tokens + 8, n_threads=torch.get_num_threads(),
