@@ -145,7 +145,7 @@ def time_llama_cpp(folder: Path, prompts, new_tokens: int):
     gguf = folder / "model.gguf"
     if not gguf.exists():
         try:
-            export_gguf(folder, gguf)
+            export_gguf(folder, gguf, dtype="f32")  # the same float32 weights as both other sides
         except ValueError as e:  # GGUF export covers the dense (R1-Distill) families only
             print(f"  llama.cpp not run: {str(e).split(': ', 1)[-1]}")
             return None
