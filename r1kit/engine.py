@@ -276,7 +276,7 @@ class Engine:
         GPU; a string names another backend). Shapes are made static for it: every step attends over
         the whole cache under the mask, and each batch size compiles once. It pays most where a
         step is launch-bound: a GPU, or small models on a CPU (bench/decode.py on this project's
-        CPU: batch 1 about 1.3-1.6x faster than eager for dense models and 5-8x for the tiny MoE
+        CPU: batch 1 about 1.3-2x faster than eager for dense models and 6-7x for the tiny MoE
         one, whose eager step is all overhead). Each new batch size compiles for 10-40 s, so the
         default is off. The server's continuous batch (Scheduler) always runs eagerly.
 
