@@ -75,8 +75,14 @@ def _grouped_swiglu(xs, gate_up_proj, down_proj, counts):
     offsets = counts.cumsum(0).to(torch.int32)
     if torch.compiler.is_compiling():  # grouped_mm has no float32 fake kernel: trace our op instead
         return grouped_swiglu_op(xs, gate_up_proj, down_proj, offsets)[0]
-    gate, up = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)
+    return _swiglu_products(xs, gate_up_proj, down_proj, offsets)[0]  # eager: autograd through grouped_mm
+
+
+def _swiglu_products(xs, gate_up_proj, down_proj, offsets):
+    """(output, gate|up activations): the two grouped GEMMs around SiLU(gate) * up."""
+    h = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets)
+    gate, up = h.chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets), h
 
 
 # The same as one opaque op with its own backward, so that torch.compile keeps a MoE model's forward
@@ -84,9 +90,7 @@ def _grouped_swiglu(xs, gate_up_proj, down_proj, counts):
 @torch.library.custom_op("r1kit::grouped_swiglu", mutates_args=())
 def grouped_swiglu_op(xs: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                       offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets)
-    gate, up = h.chunk(2, dim=-1)
-    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets), h
+    return _swiglu_products(xs, gate_up_proj, down_proj, offsets)
 
 
 @grouped_swiglu_op.register_fake
