@@ -134,6 +134,25 @@ def _(dy, dh_out, xs, w1, w2, offsets, h):
 grouped_swiglu_op.register_autograd(_grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[index], for a permutation `index` whose inverse is `inverse`. Autograd would send the
+    gradient back through a scatter-add (it cannot know no row repeats); a permutation's gradient is
+    just the inverse gather, which is vectorised and parallel where the scatter is neither."""
+
+    @staticmethod
+    def forward(rows, index, inverse):
+        return rows[index]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
 
@@ -148,17 +167,17 @@ class Experts(nn.Module):
         if not torch.is_grad_enabled() and n_tokens * k * self._expert_bytes() <= _GATHER_BYTES:
             return self._gathered(x, flat, gates)
         order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
-        token_of = order // k
+        inverse = order.argsort()  # where each pair went: pairs are a permutation, so both ways are gathers
         # a fixed-size histogram (bincount's size depends on the data, which breaks torch.compile graphs)
         counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device).index_add_(
             0, flat, torch.ones_like(flat))
-        xs = x[token_of]
+        xs = _PermuteRows.apply(x.repeat_interleave(k, dim=0), order, inverse)
         if self._can_group(xs):
             ys = _grouped_swiglu(xs, self.gate_up_proj, self.down_proj, counts)
         else:
             ys = self._loop(xs, counts.tolist())
-        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        ys = _PermuteRows.apply(ys, inverse, order).view(n_tokens, k, -1)  # back to token-major pairs
+        return (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
     def _expert_bytes(self) -> int:
         return (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()

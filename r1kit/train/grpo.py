@@ -52,6 +52,7 @@ from r1kit.train.grpo_loss import (
     policy_loss,
     selective_log_softmax,
 )
+from r1kit.train.optim import adamw
 
 # ==================================================================================== config
 
@@ -618,8 +619,8 @@ def train_grpo(
 
     # --- optimizer, schedule, reference model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
+    optimizer = adamw(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                      weight_decay=config.weight_decay)
     total_opt_steps = config.max_steps * config.num_iterations * config.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_opt_steps))
     ref_model = None

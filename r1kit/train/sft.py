@@ -32,6 +32,7 @@ from r1kit import data as D
 from r1kit.checkpoint import atomic_write_text
 from r1kit.train import distributed as dist_
 from r1kit.train import trainer_state as ts
+from r1kit.train.optim import adamw
 
 
 @dataclass
@@ -146,8 +147,8 @@ def build_optimizer(model: torch.nn.Module, config: SFTConfig) -> torch.optim.Op
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_epsilon)
+    return adamw(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                 eps=config.adam_epsilon)
 
 
 def _texts_of(rows: list) -> list[str]:
