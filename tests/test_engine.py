@@ -82,6 +82,14 @@ def test_frozen_compiled_decode_equals_eager_and_refuses_changed_weights():
     assert frozen.freeze
     ref = Engine(model, max_batch_size=2, max_seq_len=32).generate([[1, 2, 3]], params)
     assert frozen.generate([[1, 2, 3]], params)[0].token_ids == ref[0].token_ids
+    # a frozen engine skips Dynamo's guards on the model: another model of the same shapes gets its own
+    # graph with its own weights, never the first engine's
+    other = make_model("tiny-dense", seed=5)
+    ref_other = Engine(other, max_batch_size=2, max_seq_len=32).generate([[1, 2, 3]], params)[0]
+    got_other = Engine(other, max_batch_size=2, max_seq_len=32, compile=True, freeze=True).generate([[1, 2, 3]], params)[0]
+    assert got_other.token_ids == ref_other.token_ids
+    assert max(abs(p - q) for p, q in zip(got_other.logprobs, ref_other.logprobs)) < 1e-4
+    assert max(abs(p - q) for p, q in zip(ref_other.logprobs, ref[0].logprobs)) > 1e-2  # the weights do differ
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)  # what an optimizer step does
     with pytest.raises(RuntimeError, match="weights changed"):
