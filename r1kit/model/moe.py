@@ -11,7 +11,7 @@ softmax affinity with a plain top-k.
 
 Dispatch sorts the (token, expert) pairs by expert so that each expert runs once, on exactly the
 tokens routed to it; no expert ever sees a token it was not chosen for (one grouped GEMM; under
-torch.compile it runs as the custom op r1kit::grouped_swiglu with its own backward, so a compiled
+torch.compile each grouped GEMM runs as the custom op r1kit::grouped_linear with its own backward, so a compiled
 forward and backward stay one graph). When decoding a few tokens without grad, each (token, expert)
 pair instead gathers its expert's weights into one batched product: fewer kernels, fixed shapes.
 """
@@ -73,65 +73,56 @@ class Router(nn.Module):
 def _grouped_swiglu(xs, gate_up_proj, down_proj, counts):
     """Every expert's SwiGLU on its run of rows of xs (sorted by expert; `counts` rows each)."""
     offsets = counts.cumsum(0).to(torch.int32)
-    if torch.compiler.is_compiling():  # grouped_mm has no float32 fake kernel: trace our op instead
-        return grouped_swiglu_op(xs, gate_up_proj, down_proj, offsets)[0]
-    return _swiglu_products(xs, gate_up_proj, down_proj, offsets)[0]  # eager: autograd through grouped_mm
+    # eager: autograd through grouped_mm; compiled: our op (grouped_mm has no float32 fake kernel), and
+    # inductor fuses the SiLU * up between the two products like any other elementwise code
+    linear = grouped_linear if torch.compiler.is_compiling() else _grouped_linear
+    gate, up = linear(xs, gate_up_proj, offsets).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down_proj, offsets)
 
 
-def _swiglu_products(xs, gate_up_proj, down_proj, offsets):
-    """(output, gate|up activations): the two grouped GEMMs around SiLU(gate) * up."""
-    h = _grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs=offsets)
-    gate, up = h.chunk(2, dim=-1)
-    return _grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets), h
+def _grouped_linear(x, weight, offsets):
+    """Rows offsets[e-1]:offsets[e] of x times weight[e]^T: one GEMM per expert, in one kernel."""
+    return _grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
 
 
-# The same as one opaque op with its own backward, so that torch.compile keeps a MoE model's forward
-# and backward in one graph. It also returns the gate|up activations, which its backward needs.
-@torch.library.custom_op("r1kit::grouped_swiglu", mutates_args=())
-def grouped_swiglu_op(xs: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                      offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _swiglu_products(xs, gate_up_proj, down_proj, offsets)
+# The same as an opaque op with its own backward (itself an op), so that torch.compile keeps a MoE
+# model's forward and backward in one graph.
+@torch.library.custom_op("r1kit::grouped_linear", mutates_args=())
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _grouped_linear(x, weight, offsets)
 
 
-@grouped_swiglu_op.register_fake
-def _(xs, gate_up_proj, down_proj, offsets):
-    return xs.new_empty(xs.shape[0], down_proj.shape[1]), xs.new_empty(xs.shape[0], gate_up_proj.shape[1])
+@grouped_linear.register_fake
+def _(x, weight, offsets):
+    return x.new_empty(x.shape[0], weight.shape[1])
 
 
-def _grouped_swiglu_setup(ctx, inputs, output):
-    xs, gate_up_proj, down_proj, offsets = inputs
-    ctx.save_for_backward(xs, gate_up_proj, down_proj, offsets, output[1])
-
-
-def _grouped_swiglu_backward(ctx, dy, dh_out):
-    xs, w1, w2, offsets, h = ctx.saved_tensors
-    if dh_out is None:
-        dh_out = torch.zeros_like(h)
-    dxs, d_gate_up, d_down = grouped_swiglu_grad(dy, dh_out, xs, w1, w2, offsets, h)
-    return dxs, d_gate_up, d_down, None
-
-
-@torch.library.custom_op("r1kit::grouped_swiglu_grad", mutates_args=())
-def grouped_swiglu_grad(dy: torch.Tensor, dh_out: torch.Tensor, xs: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                        offsets: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("r1kit::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dy = dy.contiguous()  # the kernels need real strides (a loss of .sum() hands down an expanded tensor)
-    gate, up = h.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    da = _grouped_mm(dy, w2, offs=offsets)  # (P, I): dy @ down[e]
-    d_down = _grouped_mm(dy.t(), silu * up, offs=offsets)  # (E, H, I): summed over each expert's rows
-    dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * silu], dim=-1) + dh_out
-    dxs = _grouped_mm(dh, w1, offs=offsets)  # (P, H)
-    d_gate_up = _grouped_mm(dh.t(), xs, offs=offsets)  # (E, 2I, H)
-    return dxs, d_gate_up, d_down
+    dx = _grouped_mm(dy, weight, offs=offsets)  # (P, in): each row's dy @ weight[e]
+    dw = _grouped_mm(dy.t(), x, offs=offsets)  # (E, out, in): summed over each expert's rows
+    return dx, dw
 
 
-@grouped_swiglu_grad.register_fake
-def _(dy, dh_out, xs, w1, w2, offsets, h):
-    return torch.empty_like(xs), torch.empty_like(w1), torch.empty_like(w2)
+@grouped_linear_backward.register_fake
+def _(dy, x, weight, offsets):
+    return torch.empty_like(x), torch.empty_like(weight)
 
 
-grouped_swiglu_op.register_autograd(_grouped_swiglu_backward, setup_context=_grouped_swiglu_setup)
+def _grouped_linear_setup(ctx, inputs, output):
+    x, weight, offsets = inputs
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _grouped_linear_grad(ctx, dy):
+    x, weight, offsets = ctx.saved_tensors
+    dx, dw = grouped_linear_backward(dy, x, weight, offsets)
+    return dx, dw, None
+
+
+grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
 
 
 class _PermuteRows(torch.autograd.Function):
