@@ -13,7 +13,8 @@ For each size:
    reward function and prompt order (TRL on CPU needs bf16=False);
 3. seconds per step (median over the steps, so the first step's warm-up does not count; wall time and,
    since the machine is shared, CPU time of this single-threaded process too) and held-out
-   pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6).
+   pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6),
+   with the standard error of their difference over the 12 held-out problems.
 4. where the time goes: each side's rollout (TRL's `_generate_and_score_completions`, timed by a
    wrapper; r1kit's generation) and update. Both updates run the same forward and backward products
    (r1kit leaves out the rows whose advantage is 0, see GRPOConfig.skip_zero_advantage), so
@@ -178,9 +179,10 @@ def run_r1kit(folder: Path, train, args, compile_generation: bool = False) -> tu
     return times, model
 
 
-def held_out_pass1(model, tok, held_out, args) -> float:
+def held_out_pass1(model, tok, held_out, args) -> tuple[float, float]:
     cfg = grpo.GRPOConfig(template=TEMPLATE, max_completion_length=args.max_completion_length)
-    return grpo.evaluate_pass1(model, tok, held_out, cfg, verify=lambda t, s: reward(t, s) >= 1.0, k=args.k)["pass@1"]
+    out = grpo.evaluate_pass1(model, tok, held_out, cfg, verify=lambda t, s: reward(t, s) >= 1.0, k=args.k)
+    return out["pass@1"], out["pass@1_stderr"]
 
 
 def main() -> int:
@@ -216,19 +218,19 @@ def main() -> int:
             steps = pretrain(model, tok, everything, float(budgets[size]), lr=1e-3 if size == "25m" else 2e-3)
             base = work / "base"
             r1kit.save(model, tok, base)
-            base_acc = held_out_pass1(model, tok, held_out, args)
+            base_acc, _ = held_out_pass1(model, tok, held_out, args)
             print(f"[{size}] Qwen2 {n_params / 1e6:.1f}M params, pretrained {steps} steps; base held-out pass@1 "
                   f"{100 * base_acc:.1f}%", flush=True)
             # interleaved in one run, r1kit first then TRL; each from the same saved base
             r1_times, r1_model = run_r1kit(base, train, args)
-            r1_acc = held_out_pass1(r1_model, tok, held_out, args)
+            r1_acc, r1_se = held_out_pass1(r1_model, tok, held_out, args)
             comp_times, comp_model = run_r1kit(base, train, args, compile_generation=True)
-            comp_acc = held_out_pass1(comp_model, tok, held_out, args)
+            comp_acc, _ = held_out_pass1(comp_model, tok, held_out, args)
             trl_lengths: list[float] = []
             trl_rollout: list[float] = []
             trl_times, trl_folder = run_trl(base, train, args, work, trl_lengths, trl_rollout)
             trl_model, _ = r1kit.load(trl_folder)
-            trl_acc = held_out_pass1(trl_model, tok, held_out, args)
+            trl_acc, trl_se = held_out_pass1(trl_model, tok, held_out, args)
             r1_step, trl_step, comp_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times, comp_times))
             comp_total = sum(t[0] for t in comp_times)  # compiling is paid in the first steps: the sum shows it
             r1_cpu, trl_cpu = (statistics.median(t[1] for t in ts) for ts in (r1_times, trl_times))
@@ -242,6 +244,8 @@ def main() -> int:
                 "cpu_speedup": round(trl_cpu / r1_cpu, 2),
                 "base_pass1": round(100 * base_acc, 1), "r1kit_pass1": round(100 * r1_acc, 1),
                 "trl_pass1": round(100 * trl_acc, 1), "accuracy_delta": round(100 * (r1_acc - trl_acc), 1),
+                # standard error of that difference over the held-out problems (both sides' errors combined)
+                "accuracy_delta_stderr": round(100 * (r1_se ** 2 + trl_se ** 2) ** 0.5, 1),
                 "r1kit_compiled_s_per_step": round(comp_step, 3), "step_speedup_compiled": round(trl_step / comp_step, 2),
                 "r1kit_compiled_total_s": round(comp_total, 1), "r1kit_total_s": round(sum(t[0] for t in r1_times), 1),
                 "trl_total_s": round(sum(t[0] for t in trl_times), 1), "r1kit_compiled_pass1": round(100 * comp_acc, 1), "learning_rate": args.lr,
@@ -257,6 +261,7 @@ def main() -> int:
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
                   f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
+                  f"(difference {f['accuracy_delta']:+.1f} +- {f['accuracy_delta_stderr']} points, one standard error) "
                   f"(base {f['base_pass1']}%); mean completion length r1kit {f['r1kit_mean_completion_len']} "
                   f"TRL {f['trl_mean_completion_len']} tokens", flush=True)
             print(f"[{size}] where the time goes (median s/step): r1kit generate {r1_gen:.3f} + update {r1_upd:.3f}; "
@@ -268,6 +273,8 @@ def main() -> int:
     out = {f"step_speedup_{k}": v["step_speedup"] for k, v in figures.items()}
     out.update({f"step_speedup_compiled_{k}": v["step_speedup_compiled"] for k, v in figures.items()})
     out["accuracy_delta"] = round(statistics.mean(v["accuracy_delta"] for v in figures.values()), 1)
+    out["accuracy_delta_stderr"] = round(sum(v["accuracy_delta_stderr"] ** 2 for v in figures.values()) ** 0.5
+                                         / len(figures), 1)
     out.update({"steps": args.steps, "num_generations": args.num_generations, "prompts_per_step": args.prompts,
                 "max_completion_length": args.max_completion_length, "eval_k": args.k, "sizes": figures})
     print(json.dumps(out))

@@ -372,3 +372,13 @@ def test_recipes_parse(tmp_path):
         grpo.config_from_dict({"num_generation": 8}, "x.toml")
     with pytest.raises(ValueError, match="multiple of num_generations"):
         grpo.config_from_dict({"num_generations": 8, "batch_size": 12}, "x.toml")
+
+
+def test_pass1_reports_its_standard_error_over_problems(tok):
+    """Every second problem always right, the others always wrong: pass@1 0.5, and the standard error of
+    the per-problem means, sqrt(var / n) = sqrt((4 x 0.25 / 3) / 4)."""
+    samples = toy_samples(4)
+    out = evaluate_pass1(dense_model(tok), tok, samples, quick_config(), k=3,
+                         verify=lambda text, s: s["meta"]["flat"])
+    assert out["pass@1"] == 0.5
+    assert abs(out["pass@1_stderr"] - math.sqrt(1 / 12)) < 1e-12

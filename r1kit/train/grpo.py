@@ -1049,4 +1049,12 @@ def evaluate_pass1(model, tokenizer, samples: list[dict], config: GRPOConfig, ve
     model.train(was_training)
     correct = [bool(verify(tokenizer.decode(g.token_ids, skip_special_tokens=True), samples[g.prompt_index]))
                for g in gens]
-    return {"pass@1": sum(correct) / max(1, len(correct))}
+    # the standard error over problems (each problem's mean over its k samples): how far pass@1 on
+    # another draw of problems like these could move; small held-out sets make it large
+    per_problem = [0.0] * len(samples)
+    for g, ok in zip(gens, correct):
+        per_problem[g.prompt_index] += ok / k
+    n = len(per_problem)
+    mean = sum(per_problem) / max(1, n)
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / (n - 1) / n) if n > 1 else float("nan")
+    return {"pass@1": sum(correct) / max(1, len(correct)), "pass@1_stderr": stderr}
