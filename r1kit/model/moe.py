@@ -10,10 +10,12 @@ step b_i moves by gamma against the expert's load (auxiliary-loss-free balancing
 softmax affinity with a plain top-k.
 
 Dispatch sorts the (token, expert) pairs by expert so that each expert runs once, on exactly the
-tokens routed to it; no expert ever sees a token it was not chosen for (one grouped GEMM; under
-torch.compile each grouped GEMM runs as the custom op r1kit::grouped_linear with its own backward, so a compiled
-forward and backward stay one graph). When decoding a few tokens without grad, each (token, expert)
-pair instead gathers its expert's weights into one batched product: fewer kernels, fixed shapes.
+tokens routed to it; no expert ever sees a token it was not chosen for (one grouped GEMM per
+projection; under torch.compile each runs as the custom op r1kit::grouped_linear with its own
+backward, so a compiled forward and backward stay one graph). The pairs are a permutation of the
+tokens' k copies, so dispatch and combine are gathers both ways (_PermuteRows). When decoding a few
+tokens without grad, each (token, expert) pair instead gathers its expert's weights into one
+batched product: fewer kernels, fixed shapes.
 """
 from __future__ import annotations
 
