@@ -1,8 +1,9 @@
 """Training-step throughput: r1kit's model vs transformers' own, same configs, same weights.
 
-One step = forward + backward + fused AdamW (both sides) on a (batch, seq) block of random tokens. r1kit runs eagerly
-and with its forward under torch.compile (SFTConfig.compile; compile time printed, not timed); the
-sides are timed in alternating rounds in one process (this machine is noisy; only the ratio means much).
+One step = forward + backward + fused AdamW (both sides) on a (batch, seq) block of random tokens.
+r1kit runs eagerly and with its forward under torch.compile (SFTConfig.compile; compile time printed,
+not timed); the sides are timed in alternating rounds in one process (this machine is noisy; only
+the ratio means much).
 
     HF_HUB_OFFLINE=1 python bench/train_step.py [--batch 8 --seq 128 --rounds 5 --steps 3]
 
