@@ -11,7 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+try:  # torch's own list (private API); the devices with fused Adam kernels since torch 2.4 otherwise
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:  # pragma: no cover
+    def _get_fused_kernels_supported_devices() -> list[str]:
+        return ["cpu", "cuda", "mps", "xpu"]
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
