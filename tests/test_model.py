@@ -172,11 +172,15 @@ def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
     cfg = ModelConfig.preset("tiny", routed_scaling_factor=2.5, moe_intermediate_size=moe_intermediate_size)
     moe = Transformer(cfg).model.layers[1].mlp.eval()
     moe.gate.e_score_correction_bias.normal_(0, 0.2)
-    x = torch.randn(3, 11, cfg.hidden_size)
-    with torch.no_grad():
-        ref = _dense_moe_reference(moe, x)
+    x = torch.randn(3, 11, cfg.hidden_size, requires_grad=True)
+    ref = _dense_moe_reference(moe, x)
     out = moe(x)  # with grad: the sorted, grouped dispatch (not the decode gather)
-    assert (out.detach() - ref).abs().max().item() < 1e-5
+    assert (out.detach() - ref.detach()).abs().max().item() < 1e-5
+    # and the same gradients: through the dispatch and combine gathers, the experts and the gates
+    wrt = (x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight)
+    dy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, wrt, dy), torch.autograd.grad(ref, wrt, dy)):
+        assert (a - b).abs().max().item() < 1e-5 * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3, 16])
