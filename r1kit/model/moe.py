@@ -128,22 +128,28 @@ grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_li
 
 
 class _PermuteRows(torch.autograd.Function):
-    """rows[index], for a permutation `index` whose inverse is `inverse`. Autograd would send the
-    gradient back through a scatter-add (it cannot know no row repeats); a permutation's gradient is
-    just the inverse gather, which is vectorised and parallel where the scatter is neither."""
+    """rows[index // k], where `index` is a permutation of the rows' k copies and `inverse` its
+    inverse (k = 1: a plain permutation). Autograd would send the gradient back through a
+    scatter-add (it cannot know no row repeats); here it is the inverse gather and a sum over each
+    row's k copies, vectorised and parallel where the scatter is neither. No k-fold copy of the rows
+    is ever made."""
 
     @staticmethod
-    def forward(rows, index, inverse):
-        return rows[index]
+    def forward(rows, index, inverse, k: int = 1):
+        return rows[index // k] if k > 1 else rows[index]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[2])
+        ctx.k = inputs[3] if len(inputs) > 3 else 1
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        grad = grad[inverse]
+        if ctx.k > 1:
+            grad = grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1)
+        return grad, None, None, None
 
 
 class Experts(nn.Module):
@@ -164,7 +170,7 @@ class Experts(nn.Module):
         # a fixed-size histogram (bincount's size depends on the data, which breaks torch.compile graphs)
         counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device).index_add_(
             0, flat, torch.ones_like(flat))
-        xs = _PermuteRows.apply(x.repeat_interleave(k, dim=0), order, inverse)
+        xs = _PermuteRows.apply(x, order, inverse, k)  # row p is token order[p] // k
         if self._can_group(xs):
             ys = _grouped_swiglu(xs, self.gate_up_proj, self.down_proj, counts)
         else:
