@@ -183,6 +183,28 @@ def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
         assert (a - b).abs().max().item() < 1e-5 * max(1.0, b.abs().max().item())
 
 
+def test_moe_under_bf16_autocast_runs_grouped_and_trains_float32_weights(monkeypatch):
+    """SFT's mixed precision (bf16 autocast, float32 master weights): grouped_mm is not on autocast's
+    list, so the experts cast as autocast would and still take the grouped kernel, not the loop."""
+    import r1kit.model.moe as moe_mod
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", routed_scaling_factor=2.5)
+    moe = Transformer(cfg).model.layers[1].mlp.train()
+    x = torch.randn(3, 11, cfg.hidden_size, requires_grad=True)
+    ref = _dense_moe_reference(moe, x)
+    monkeypatch.setattr(moe_mod.Experts, "_loop", lambda *a: pytest.fail("autocast fell back to the loop"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    scale = ref.abs().max().item()
+    assert (out.float() - ref).abs().max().item() < 0.03 * scale
+    wrt = (moe.experts.gate_up_proj, moe.experts.down_proj)
+    dy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out.float(), wrt, dy), torch.autograd.grad(ref, wrt, dy)):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max().item() < 0.03 * b.abs().max().item()
+
+
 @pytest.mark.parametrize("n_tokens", [1, 3, 16])
 def test_decode_moe_gathers_expert_weights_and_equals_dense_reference(n_tokens, monkeypatch):
     """A few tokens without grad (decoding): each (token, expert) pair runs with its expert's

@@ -27,9 +27,12 @@ from torch import nn
 from r1kit.model.config import ModelConfig
 from r1kit.model.layers import MLP
 
-# One grouped GEMM over all experts (CPU kernels since torch 2.10, CUDA SM80+); the per-expert
-# loop is the fallback for older torch.
+# One grouped GEMM over all experts: F.grouped_mm (CPU kernels since torch 2.10, CUDA SM80+). Older
+# torch has only the private CUDA op; the per-expert loop is the fallback everywhere else.
 _grouped_mm = getattr(F, "grouped_mm", None)
+_GROUPED_CUDA_ONLY = _grouped_mm is None and hasattr(torch, "_grouped_mm")
+if _GROUPED_CUDA_ONLY:
+    _grouped_mm = torch._grouped_mm
 # Decode batches whose (token, expert) pairs' weights fit in this many bytes gather them (a copy):
 # few kernels and fixed shapes; beyond it the copy would cost more than the grouped GEMM's reads.
 _GATHER_BYTES = 16 * 2**20
@@ -52,7 +55,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x (N, hidden) -> expert ids (N, k), gate weights (N, k), affinities (N, E)."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing in float32, under autocast too
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias.float() if self.use_bias else scores
         if 1 < self.n_group and self.topk_group < self.n_group:  # keeping every group limits nothing
@@ -171,8 +175,14 @@ class Experts(nn.Module):
         counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device).index_add_(
             0, flat, torch.ones_like(flat))
         xs = _PermuteRows.apply(x, order, inverse, k)  # row p is token order[p] // k
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(xs.device.type) and xs.is_floating_point():
+            # mixed precision (SFT's bf16 on a GPU): grouped_mm is not on autocast's list, so cast as
+            # autocast casts a linear; the master weights keep their dtype and get their gradients
+            low = torch.get_autocast_dtype(xs.device.type)
+            xs, gate_up, down = xs.to(low), gate_up.to(low), down.to(low)
         if self._can_group(xs):
-            ys = _grouped_swiglu(xs, self.gate_up_proj, self.down_proj, counts)
+            ys = _grouped_swiglu(xs, gate_up, down, counts)
         else:
             ys = self._loop(xs, counts.tolist())
         ys = _PermuteRows.apply(ys, inverse, order).view(n_tokens, k, -1)  # back to token-major pairs
@@ -195,6 +205,8 @@ class Experts(nn.Module):
     def _can_group(self, xs: torch.Tensor) -> bool:
         # the grouped kernels need 16-byte aligned rows (and bf16 on CUDA)
         if _grouped_mm is None or xs.shape[0] == 0 or (xs.is_cuda and xs.dtype != torch.bfloat16):
+            return False
+        if _GROUPED_CUDA_ONLY and not xs.is_cuda:
             return False
         width = xs.element_size()
         return all(d * width % 16 == 0 for d in self.down_proj.shape[1:])
