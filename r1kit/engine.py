@@ -286,7 +286,9 @@ class Engine:
         so generating after the weights changed (an optimizer step) raises instead. `chat` and
         `serve --compile` use it; GRPO's compile_generation does not."""
         self.num_threads = num_threads
-        if fuse:  # fused projections and transposed weights for decoding (model/fuse.py); in place
+        # fused projections and transposed weights (model/fuse.py), in place: a CPU BLAS layout. Not on a
+        # GPU, where cuBLAS takes either layout and the column views would not suit fused AdamW's kernel
+        if fuse and next(model.parameters()).device.type == "cpu":
             prepare_for_decode(model)
         self.model = model  # switched to eval mode only while generating (see eval_mode)
         self.tokenizer = tokenizer
@@ -301,6 +303,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = self.config.vocab_size
         self.freeze = bool(freeze and compile is True and self.device.type == "cpu")
+        # CUDA graphs write the cache in place at the addresses they were recorded with
+        self._graph_caches: dict[int, Cache] | None = {} if compile is True and self.device.type == "cuda" else None
         self.compiled_step = self._compile(compile) if compile else None
         self._frozen = self._weight_versions() if self.freeze else None
 
@@ -328,6 +332,22 @@ class Engine:
             kw["options"]["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             kw["isolate_recompiles"] = True
         return torch.compile(decode, dynamic=False, **kw)
+
+    def decode_cache(self, batch_size: int, slots: int) -> Cache:
+        """A zeroed cache for a batch of decode rows. Under CUDA graphs each batch size reuses one
+        cache, marked static: a recorded graph writes it in place at fixed addresses, and a new
+        cache per call would make inductor skip the graphs (mutated inputs) or re-record them.
+        Reuse is safe for one batch at a time, as generate and stream run: slots past a row's
+        position are masked out, and their stale values are finite."""
+        if self._graph_caches is None:
+            return self.model.new_cache(batch_size, slots)
+        cache = self._graph_caches.get(batch_size)
+        if cache is None or cache.max_seq_len != slots:
+            cache = self.model.new_cache(batch_size, slots)
+            for t in _cache_tensors(cache):
+                torch._dynamo.mark_static_address(t)
+            self._graph_caches[batch_size] = cache
+        return cache
 
     def _weight_versions(self) -> tuple | None:
         """In-place updates (an optimizer step) bump a tensor's version: a cheap fingerprint."""
@@ -478,7 +498,7 @@ class _Batch:
         longest = max(self.prompt_len)
         # a compiled step attends over the whole cache: one length (the engine's) keeps one graph per batch size
         slots = engine.max_seq_len if engine.compiled_step is not None else longest + params.max_tokens
-        self.cache = model.new_cache(B, slots)
+        self.cache = engine.decode_cache(B, slots)
         if n == 1:
             logits = engine.prefill(prompts, self.cache)
         else:  # one prefill per distinct prompt; its n samples copy the rows
@@ -545,7 +565,10 @@ class _Batch:
             dead = [i for i, row in enumerate(self.rows) if row is None]
             keep = sorted(keep + dead[: (1 << (len(keep) - 1).bit_length()) - len(keep)])
         idx = torch.tensor(keep, device=self.engine.device)
-        self.cache = _map_cache(self.cache, lambda t: t.index_select(0, idx))
+        smaller = self.engine.decode_cache(len(keep), self.cache.max_seq_len)  # never the current one: it shrinks
+        for dst, src in zip(_cache_tensors(smaller), _cache_tensors(self.cache)):
+            torch.index_select(src, 0, idx, out=dst)
+        self.cache = smaller
         self.position = self.position.index_select(0, idx)
         self.next_input = self.next_input.index_select(0, idx)
         self.rows = [self.rows[i] for i in keep]

@@ -121,11 +121,14 @@ def test_sampled_logprobs_are_tempered_log_softmax_of_full_forward(model):
         assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("compile", [False, "aot_eager"])
-def test_early_stops_and_compaction_keep_rows_exact(compile):
-    """Compiled, the batch shrinks to powers of two (dead rows ride along as padding)."""
+@pytest.mark.parametrize("compile,static", [(False, False), ("aot_eager", False), ("aot_eager", True)])
+def test_early_stops_and_compaction_keep_rows_exact(compile, static):
+    """Compiled, the batch shrinks to powers of two (dead rows ride along as padding). `static`: the
+    caches CUDA graphs need, one per batch size reused across calls with stale slots left in them."""
     model = make_model("tiny-dense", seed=3)
     engine = Engine(model, max_seq_len=64, compile=compile)
+    if static:
+        engine._graph_caches = {}  # what compile=True on a GPU sets
     prompts = [[i, i + 1, (7 * i) % 500] for i in range(1, 9)]
     free = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     stop_ids = {free[i].token_ids[1 + i] for i in range(5)}  # rows end at different steps
@@ -137,6 +140,10 @@ def test_early_stops_and_compaction_keep_rows_exact(compile):
         else:  # the stop token is kept in token_ids (with its logprob), the row ends there
             assert out.token_ids == ref.token_ids[: cut + 1] and out.finish_reason == "stop"
             assert len(out.logprobs) == cut + 1
+    if static:  # every batch size met got one cache, and reusing them (stale) changes nothing
+        assert sorted(engine._graph_caches) == [4, 8]  # 8 rows, then 4 once half of them stopped
+        again = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+        assert [o.token_ids for o in again] == [o.token_ids for o in free]
 
 
 # ---------------------------------------------------------------------------- sampling

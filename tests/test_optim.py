@@ -53,3 +53,25 @@ def test_checkpoints_move_between_fused_and_foreach():
         _step(b, b_p, i)
     for p, q in zip(a_p, b_p):
         assert (p - q).abs().max().item() < 1e-6
+
+
+def test_gpu_fused_kernel_only_for_dense_parameters(monkeypatch):
+    """The GPU's fused kernel needs each gradient to have its parameter's strides, which autograd
+    gives only to dense parameters; a column view (as model/fuse.py makes on a CPU) gets foreach."""
+    from r1kit.train import optim
+
+    w = torch.randn(6, 4)
+    assert optim._dense(w) and optim._dense(w.t()) and optim._dense(w.t().contiguous().t())
+    assert not optim._dense(w[:, :2]) and not optim._dense(torch.randn(8)[::2])
+
+    class FakeDevice:  # a tensor stand-in that reports a CUDA device
+        def __init__(self, t):
+            self.t, self.device = t, torch.device("cuda")
+
+        def __getattr__(self, name):
+            return getattr(self.t, name)
+
+    monkeypatch.setattr(optim, "_get_fused_kernels_supported_devices", lambda: ["cpu", "cuda"])
+    assert optim._fusable([FakeDevice(w), FakeDevice(w.t())])
+    assert not optim._fusable([FakeDevice(w), FakeDevice(w[:, :2])])
+    assert optim._fusable([w, w[:, :2]])  # the CPU kernel takes any strides

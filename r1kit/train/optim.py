@@ -19,9 +19,21 @@ except ImportError:  # pragma: no cover
         return ["cpu", "cuda", "mps", "xpu"]
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (contiguous in some dimension order): autograd then gives the
+    gradient the parameter's own strides, which the GPU's fused kernel requires (the CPU's does not)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _fusable(params: list[torch.Tensor]) -> bool:
     devices = _get_fused_kernels_supported_devices()
-    return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+    return bool(params) and all(p.is_floating_point() and p.device.type in devices
+                                and (p.device.type == "cpu" or _dense(p)) for p in params)
 
 
 def adamw(params: Iterable, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
