@@ -1,6 +1,7 @@
 """Decoding speed: r1kit's engine against transformers' `generate` on identical weights.
 
     HF_HUB_OFFLINE=1 python bench/decode.py [--reps 3] [--threads 1] [--new-tokens 128]
+    HF_HUB_OFFLINE=1 python bench/decode.py --device cuda --dtype bfloat16   # on a GPU (CUDA graphs)
 
 Models: a tiny Qwen2 (hidden 256, 4 layers), a ~25M-parameter Qwen2 (hidden 512, 8 layers) and a
 tiny DeepSeek-V3 (MLA + MoE), each saved once by r1kit and loaded by both sides in float32. Greedy,
@@ -50,14 +51,21 @@ MODELS = {
 PROMPT_LEN = 16
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5, device="cpu") -> float:
     """Bytes per second moved by a large tensor copy (a read and a write of every byte)."""
-    src = torch.ones(nbytes // 4)
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
-    for _ in range(reps):
+    for _ in range(reps + 1):  # the first one warms up
+        sync(device)
         t = time.perf_counter()
         dst.copy_(src)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
 
@@ -101,13 +109,15 @@ def gemm_floor(model: Transformer, batch: int, reps: int = 30) -> float:
     """Seconds per decode step spent in the weight products alone (no attention, no norms, no
     Python): what no engine built on these BLAS kernels can beat at this batch size."""
     mats = step_matrices(model)
-    xs = [torch.randn(batch, w.shape[1]) for w in mats]
+    xs = [torch.randn(batch, w.shape[1], device=w.device, dtype=w.dtype) for w in mats]
     best = float("inf")
     for _ in range(3):
+        sync(mats[0].device)
         t = time.perf_counter()
         for _ in range(reps):
             for x, w in zip(xs, mats):
                 torch.nn.functional.linear(x, w)
+        sync(mats[0].device)
         best = min(best, (time.perf_counter() - t) / reps)
     return best
 
@@ -122,11 +132,13 @@ def time_r1kit(engine: Engine, prompts, new_tokens: int) -> float:
 
 
 def time_hf(hf_model, prompts, new_tokens: int) -> float:
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=hf_model.device)
+    sync(ids.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    sync(ids.device)
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + new_tokens
     return dt
@@ -170,16 +182,22 @@ def main() -> int:
                         help="intra-op threads for both sides (1: fair and stable on a shared machine)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides on it; llama.cpp only on cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    on_cpu = torch.device(args.device).type == "cpu"
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    bandwidth = copy_bandwidth()
-    print(f"threads {args.threads}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.new_tokens} new tokens, "
-          f"prompt {PROMPT_LEN} tokens, float32, best of {args.reps} interleaved repetitions")
-    figures: dict = {"threads": args.threads, "copy_bandwidth_gbs": round(bandwidth / 1e9, 2)}
+    bandwidth = copy_bandwidth(device=args.device)
+    where = f"threads {args.threads}" if on_cpu else torch.cuda.get_device_name()
+    print(f"{where}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, {args.new_tokens} new tokens, "
+          f"prompt {PROMPT_LEN} tokens, {args.dtype}, best of {args.reps} interleaved repetitions")
+    figures: dict = {"device": args.device, "dtype": args.dtype, "threads": args.threads,
+                     "copy_bandwidth_gbs": round(bandwidth / 1e9, 2)}
     speedups: dict[tuple[str, int], float] = {}  # r1kit's faster mode (eager or compiled)
     eager_speedups: dict[tuple[str, int], float] = {}
     workdir = Path(tempfile.mkdtemp(prefix="r1kit-bench-"))
@@ -193,16 +211,16 @@ def main() -> int:
         model = Transformer(config).eval()
         folder = workdir / name
         r1kit.save(model, tokenizer, folder)  # a tokenizer too: the GGUF export for llama.cpp needs one
-        ours, _ = r1kit.load(folder)
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        ours, _ = r1kit.load(folder, dtype=dtype, device=args.device)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         n_params = sum(p.numel() for p in ours.parameters())
         # same weights, same greedy answer (checked on one prompt before timing)
         probe = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=g).tolist()
         engine = Engine(ours, max_batch_size=16, max_seq_len=PROMPT_LEN + args.new_tokens)
         mine = engine.generate(probe, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
         with torch.inference_mode():
-            theirs = hf.generate(torch.tensor(probe), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                 pad_token_id=0)[0, PROMPT_LEN:].tolist()
+            theirs = hf.generate(torch.tensor(probe, device=args.device), max_new_tokens=16, min_new_tokens=16,
+                                 do_sample=False, pad_token_id=0)[0, PROMPT_LEN:].tolist()
         agree = sum(a == b for a, b in zip(mine, theirs))
         print(f"\n{name}: {n_params / 1e6:.1f}M parameters, greedy agreement with transformers {agree}/16")
         compiled = Engine(ours, max_batch_size=16, max_seq_len=PROMPT_LEN + args.new_tokens, compile=True,
@@ -234,7 +252,7 @@ def main() -> int:
                 frac = weight_bytes_per_token(ours) * tps_ours / bandwidth
                 figures["bandwidth_fraction_25m_bs1"] = round(frac, 3)
                 line += f"\n            bandwidth {100 * frac:.0f}% of copy ({weight_bytes_per_token(ours) / 1e6:.0f} MB/token)"
-            if not config.is_moe:  # a roofline for the dense models: the products alone
+            if not config.is_moe and on_cpu:  # a roofline for the dense models (on a GPU, launches bound it)
                 floor = gemm_floor(ours, batch) * args.new_tokens
                 ceiling = t["hf"] / floor
                 figures[f"{name}_bs{batch}_gemm_floor_ceiling"] = round(ceiling, 2)
@@ -242,7 +260,7 @@ def main() -> int:
                 line += (f"\n            weight products alone: {batch * args.new_tokens / floor:8.1f} tok/s -> "
                          f"no engine on these kernels beats transformers by more than {ceiling:.2f}x; "
                          f"r1kit ({best}) runs at {100 * floor / t_ours:.0f}% of that floor")
-            if batch == 1:
+            if batch == 1 and on_cpu and dtype == torch.float32:
                 t_cpp = time_llama_cpp(folder, prompts, args.new_tokens)
                 if t_cpp is not None:
                     line += f"   llama.cpp {args.new_tokens / t_cpp:.1f} tok/s"
@@ -265,6 +283,12 @@ def main() -> int:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("\nllama-cpp-python is not installed: llama.cpp not measured")
+    if not on_cpu:  # a compiled engine that skipped CUDA graphs would be timed without them
+        from torch._dynamo.utils import counters
+
+        skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+        figures["cudagraph_skips"] = skips
+        print(f"\nCUDA graphs skipped by inductor: {skips} time(s)")
     tiny = [speedups[(n, 1)] for n in ("qwen2-tiny", "deepseek-v3-tiny") if (n, 1) in speedups]
     figures["tiny_min_speedup_bs1"] = round(min(tiny), 2) if tiny else None
     figures["qwen2_25m_speedup_bs1"] = round(speedups[("qwen2-25m", 1)], 2) if ("qwen2-25m", 1) in speedups else None

@@ -6,6 +6,10 @@ not timed); the sides are timed in alternating rounds in one process (this machi
 the ratio means much).
 
     HF_HUB_OFFLINE=1 python bench/train_step.py [--batch 8 --seq 128 --rounds 5 --steps 3]
+    HF_HUB_OFFLINE=1 python bench/train_step.py --device cuda --dtype bfloat16 --batch 32 --seq 512
+
+On a GPU both sides hold their weights in the given dtype (pure bf16, as a speed check; r1kit's
+trainers keep float32 master weights under bf16 autocast).
 
 Last line: a JSON object with deepseek_v3_speedup and qwen2_speedup (ours / transformers), and the
 same with `_compiled`.
@@ -70,13 +74,16 @@ def make_step(model, is_hf: bool, compiled: bool = False):
 def bench(name, cls, cfg, args):
     torch.manual_seed(0)
     hf_model = cls(cfg).train()
+    dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
-        ours, _ = r1kit.load(tmp)
-        ours_c, _ = r1kit.load(tmp)  # a second copy for the compiled side: same start, own optimizer
+        ours, _ = r1kit.load(tmp, dtype=dtype, device=args.device)
+        ours_c, _ = r1kit.load(tmp, dtype=dtype, device=args.device)  # the compiled side: same start, own optimizer
+    hf_model.to(device=args.device, dtype=dtype)
     ours.train()
     ours_c.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     with torch.no_grad():  # same weights, same function
         diff = (ours(ids) - hf_model(ids).logits).abs().max().item()
     steps = {"r1kit": make_step(ours, False), "r1kit_compiled": make_step(ours_c, False, compiled=True),
@@ -109,10 +116,13 @@ def main():
     parser.add_argument("--seq", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides on it)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, {args.dtype}, "
           f"batch {args.batch} x seq {args.seq}, fwd+bwd+AdamW")
-    figures = {}
+    figures = {"device": args.device, "dtype": args.dtype, "batch": args.batch, "seq": args.seq}
     for name, (cls, cfg) in configs().items():
         tps, speedup, compiled = bench(name, cls, cfg, args)
         figures[f"{name}_speedup"] = round(speedup, 3)
