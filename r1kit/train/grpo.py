@@ -113,6 +113,7 @@ class GRPOConfig:
     warmup_steps: int = 0  # in optimizer steps
     max_steps: int = 100
     gradient_checkpointing: bool = False
+    compile: bool | str = False  # torch.compile the update's forward (True: inductor; shapes marked dynamic)
     dtype: str | None = None  # model dtype for main_from_config ("bfloat16" on GPU); None: as saved
     device: str | None = None
 
@@ -600,6 +601,9 @@ def train_grpo(
         raise ValueError("train_samples is empty: GRPO needs prompts to sample")
     prompt_fn = prompt_fn or prompt_fn_for(config.template, tokenizer, config.system_prompt_suffix)
     train_model = train_model or model
+    if config.compile:  # rows and lengths change every step: one dynamic-shape graph, not one per shape
+        train_model = torch.compile(train_model, dynamic=True,
+                                    backend="inductor" if config.compile is True else config.compile)
     device = next(model.parameters()).device
 
     G = config.num_generations
