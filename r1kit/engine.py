@@ -334,11 +334,12 @@ class Engine:
         return torch.compile(decode, dynamic=False, **kw)
 
     def decode_cache(self, batch_size: int, slots: int) -> Cache:
-        """A zeroed cache for a batch of decode rows. Under CUDA graphs each batch size reuses one
-        cache, marked static: a recorded graph writes it in place at fixed addresses, and a new
-        cache per call would make inductor skip the graphs (mutated inputs) or re-record them.
+        """A cache for a batch of decode rows (zeros when new). Under CUDA graphs each batch size
+        reuses one cache, marked static: a recorded graph writes it in place at fixed addresses, and
+        a new cache per call would make inductor skip the graphs (mutated inputs) or re-record them.
         Reuse is safe for one batch at a time, as generate and stream run: slots past a row's
-        position are masked out, and their stale values are finite."""
+        position are masked out, and their stale values are finite. The caches live as long as the
+        engine: batches halve as rows finish, so together they hold under twice the largest one."""
         if self._graph_caches is None:
             return self.model.new_cache(batch_size, slots)
         cache = self._graph_caches.get(batch_size)
