@@ -339,7 +339,8 @@ class Engine:
         a new cache per call would make inductor skip the graphs (mutated inputs) or re-record them.
         Reuse is safe for one batch at a time, as generate and stream run: slots past a row's
         position are masked out, and their stale values are finite. The caches live as long as the
-        engine: batches halve as rows finish, so together they hold under twice the largest one."""
+        engine, one per batch size met: each call's own size, then the powers of two it shrinks to
+        as rows finish (under twice its size together)."""
         if self._graph_caches is None:
             return self.model.new_cache(batch_size, slots)
         cache = self._graph_caches.get(batch_size)
