@@ -19,6 +19,13 @@ For each size:
    wrapper; r1kit's generation) and update. Both updates run the same forward and backward products
    (r1kit leaves out the rows whose advantage is 0, see GRPOConfig.skip_zero_advantage), so
    TRL's step / r1kit's update bounds the speedup any rollout engine could bring.
+5. a floor: the arithmetic r1kit's step cannot avoid, at this machine's best matrix-product speed.
+   Generation runs one forward per prompt token (each prompt prefilled once) and per sampled token;
+   the update a forward and a backward (3 x the products) over the rows that carry a gradient, with
+   each group's prompt counted once. Only the weight products count (no attention, norms, sampling
+   or Python), at the best GFLOP/s that `torch.matmul` reaches in this run on the model's own weight
+   shapes with 2048 rows, or on a 1024^3 product. TRL's step / that floor caps the speedup that any
+   exact implementation of the same step could show on this machine.
 r1kit runs twice: as configured by default, and with `compile=True` (the update's forward under
 torch.compile, dynamic shapes; the compile time lands in the first steps, so the total time of all
 steps is printed too). Generation stays eager in both: on this CPU, at 32 rows, the compiled decode
@@ -68,6 +75,44 @@ def problems():
 
 def reward(text: str, sample: dict) -> float:
     return float(TASK.verify(text, sample))
+
+
+def weight_products(model) -> tuple[int, int, list[tuple[int, int]]]:
+    """Parameters of the blocks' matrix products, of the output head (hidden x vocab), and the
+    distinct (in, out) shapes of those products: a token's forward costs 2 FLOPs per weight."""
+    blocks = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.config.hidden_size * model.config.vocab_size
+    shapes = sorted({(m.in_features, m.out_features) for m in blocks} | {(model.config.hidden_size, model.config.vocab_size)})
+    return sum(m.weight.numel() for m in blocks), head, shapes
+
+
+def gemm_peak(shapes: list[tuple[int, int]], rows: int = 2048, seconds: float = 0.3) -> float:
+    """The best FLOP/s torch.matmul reaches here on these weight shapes with `rows` rows, or on 1024^3."""
+    best = 0.0
+    for m, k, n in [(rows, a, b) for a, b in shapes] + [(1024, 1024, 1024)]:
+        x, w = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            x @ w
+        for _ in range(3):  # the best of three timed stretches
+            t, reps = time.perf_counter(), 0
+            while time.perf_counter() - t < seconds:
+                x @ w
+                reps += 1
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+    return best
+
+
+def step_flops(h: dict, n_weights: int, n_head: int, rows: int, prompt_len: int, group: int) -> float:
+    """The weight-product FLOPs of one r1kit step (history record `h`): generation's forwards
+    (prompts once, then every sampled token but the last of each row; the head on each sampled
+    token) plus the update's forward and backward over the rows it trained, each group's prompt
+    counted once (the least any implementation must run)."""
+    gen = 2 * n_weights * (h["generate/prompt_tokens"] + h["generate/tokens"] - rows) + 2 * n_head * h["generate/tokens"]
+    trained_rows = h["update/rows"]
+    completion = h["update/tokens"] - trained_rows * prompt_len
+    prompts_once = -(-trained_rows // group) * prompt_len
+    upd = 6 * n_weights * (completion + prompts_once) + 6 * n_head * completion
+    return gen + upd
 
 
 def pretrain(model, tok, rows, seconds: float, lr: float) -> int:
@@ -175,7 +220,7 @@ def run_r1kit(folder: Path, train, args, compiled: bool = False) -> tuple[list[f
     result = grpo.train_grpo(config, model, tok, train_samples=order, reward_fn=reward,
                              callback=lambda m: cpu.append(time.process_time()))
     # the first step's CPU time also holds the setup; the median ignores it
-    times = [(h["time/step"], b - a, h["completions/mean_length"], h["time/generate"], h["time/update"])
+    times = [(h["time/step"], b - a, h["completions/mean_length"], h["time/generate"], h["time/update"], h)
              for h, a, b in zip(result.history, cpu, cpu[1:])]
     return times, model
 
@@ -217,6 +262,11 @@ def main() -> int:
             model = Transformer(cfg)
             n_params = model.num_parameters()
             steps = pretrain(model, tok, everything, float(budgets[size]), lr=1e-3 if size == "25m" else 2e-3)
+            n_weights, n_head, shapes = weight_products(model)
+            peak = gemm_peak(shapes)
+            plens = {len(tok.encode(TEMPLATE.replace("{prompt}", s["prompt"]), add_special_tokens=True)) for s in train}
+            assert len(plens) == 1, plens  # every prompt is "a+b": the floor counts prompts by one length
+            prompt_len = plens.pop()
             base = work / "base"
             r1kit.save(model, tok, base)
             base_acc, _ = held_out_pass1(model, tok, held_out, args)
@@ -238,6 +288,10 @@ def main() -> int:
             # where the time goes: rollout (generation, rewards) and update, each side
             r1_gen, r1_upd = (statistics.median(t[k] for t in r1_times[1:] or r1_times) for k in (3, 4))
             trl_gen = statistics.median(trl_rollout[1:] or trl_rollout) if trl_rollout else float("nan")
+            # the floor of r1kit's step: its unavoidable weight products at this machine's best GEMM speed
+            B = args.prompts * args.num_generations
+            floor = statistics.median(step_flops(t[5], n_weights, n_head, B, prompt_len, args.num_generations)
+                                      / peak for t in (r1_times[1:] or r1_times))
             figures[size] = {
                 "params_m": round(n_params / 1e6, 2), "r1kit_s_per_step": round(r1_step, 3),
                 "trl_s_per_step": round(trl_step, 3), "step_speedup": round(trl_step / r1_step, 2),
@@ -258,6 +312,9 @@ def main() -> int:
                 # r1kit's update does the same products as TRL's less the skipped rows: with generation
                 # free, the step could be at most this much faster than TRL's
                 "step_speedup_bound_free_generation": round(trl_step / r1_upd, 2),
+                "gemm_peak_gflops": round(peak / 1e9, 1), "floor_s_per_step": round(floor, 3),
+                # no exact implementation of the step can beat TRL by more than this here
+                "step_speedup_cap": round(trl_step / floor, 2), "r1kit_share_of_floor": round(floor / r1_step, 2),
             }
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
@@ -268,6 +325,9 @@ def main() -> int:
             print(f"[{size}] where the time goes (median s/step): r1kit generate {r1_gen:.3f} + update {r1_upd:.3f}; "
                   f"TRL generate+score {trl_gen:.3f} + the rest (update) {trl_step - trl_gen:.3f}; with generation free, "
                   f"r1kit's step could be at most {f['step_speedup_bound_free_generation']:.2f}x TRL's", flush=True)
+            print(f"[{size}] floor: the step's unavoidable weight products at {peak / 1e9:.1f} GFLOP/s (best matmul here) "
+                  f"take {floor:.3f} s -> no exact implementation can be more than {f['step_speedup_cap']:.2f}x TRL's step "
+                  f"on this machine; r1kit's step runs at {100 * f['r1kit_share_of_floor']:.0f}% of that floor", flush=True)
             print(f"[{size}] compiled update: {comp_step:.3f} s/step -> {f['step_speedup_compiled']:.2f}x TRL; "
                   f"all {args.steps} steps incl. compiling {comp_total:.1f} s vs eager {f['r1kit_total_s']} s vs TRL "
                   f"{f['trl_total_s']} s; pass@1 {f['r1kit_compiled_pass1']}%", flush=True)

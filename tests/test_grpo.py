@@ -119,8 +119,13 @@ def test_grpo_raises_held_out_accuracy(tok, tmp_path):
     assert len(result.history) == 20 and result.skipped_steps == 0
     for key in ("reward", "reward_std", "accuracy", "completions/mean_length", "completions/max_length",
                 "completions/clipped_ratio", "frac_reward_zero_std", "clip_ratio/region_mean", "entropy",
-                "time/generate", "time/update", "tokens_per_s", "grad_norm"):
+                "time/generate", "time/update", "tokens_per_s", "grad_norm", "generate/tokens",
+                "generate/prompt_tokens", "update/rows", "update/tokens"):
         assert key in result.history[-1] and math.isfinite(result.history[-1][key]), key
+    last = result.history[-1]
+    assert last["generate/tokens"] == round(last["completions/mean_length"] * 32)
+    plens = [len(grpo.prompt_fn_for(config.template, tok)(s)) for s in train]
+    assert 4 * min(plens) <= last["generate/prompt_tokens"] <= 4 * max(plens)  # 4 prompts, each prefilled once
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 20
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2 * config.num_samples_to_log
@@ -226,6 +231,11 @@ def test_update_skipping_zero_advantage_rows_takes_the_same_step(tok, flat_group
     lean, out_lean = one_step(True)
     assert out_full["update/rows_skipped"] == 0
     assert out_lean["update/rows_skipped"] == pytest.approx(min(len(flat_groups) * G, len(rollout) - 1) / len(rollout))
+    # the update's own counters: every row's tokens when none is skipped, the kept rows' tokens otherwise
+    lengths = rollout.lengths()
+    assert (out_full["update/rows"], out_full["update/tokens"]) == (len(rollout), sum(lengths))
+    kept = len(rollout) - round(out_lean["update/rows_skipped"] * len(rollout))
+    assert out_lean["update/rows"] == kept and out_lean["update/tokens"] < sum(lengths)
     for a, b in zip(full.parameters(), lean.parameters()):
         assert (a - b).abs().max().item() < 1e-6
     assert all(math.isfinite(out_lean[k]) for k in ("loss", "entropy", "grad_norm"))

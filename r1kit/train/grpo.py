@@ -671,7 +671,7 @@ def train_grpo(
                 engine.sync_weights(model)
             kept: list[Rollout] = []
             dropped: list[Rollout] = []
-            gen_time, gen_tokens, rounds, first_no_signal = 0.0, 0, 0, None
+            gen_time, gen_tokens, prompt_tokens, rounds, first_no_signal = 0.0, 0, 0, 0, None
             errors, first_error = 0, None
             while True:
                 rounds += 1
@@ -683,6 +683,7 @@ def train_grpo(
                                                seed=config.seed * 1_000_003 + step * 1009 + rounds * 31 + rank)
                 gen_time += time.perf_counter() - tg
                 gen_tokens += int(rollout.completion_mask.sum())
+                prompt_tokens += sum(len(prompt_ids_of(i)) for i in idx)  # prefilled once per prompt, not per sample
                 counters = score_rollout(rollout, reward_fn, config)
                 errors += counters["reward_errors"]
                 first_error = first_error or counters["reward_error"]
@@ -737,6 +738,8 @@ def train_grpo(
                 "time/step": step_time,
                 "tokens_per_s": gen_tokens / max(step_time, 1e-9),
                 "gen_tokens_per_s": gen_tokens / max(gen_time, 1e-9),
+                "generate/tokens": gen_tokens,  # sampled completion tokens
+                "generate/prompt_tokens": prompt_tokens,  # prompt tokens prefilled
                 "lr": scheduler.get_last_lr()[0],
             })
             metrics = {**_all_mean({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"},
@@ -787,7 +790,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     B = len(rollout)
     gen = torch.Generator().manual_seed(config.seed * 7919 + step)
     sums: dict[str, float] = {}
-    count, skipped, nonfinite_loss, rows_skipped = 0, 0, 0, 0
+    count, skipped, nonfinite_loss, rows_skipped, rows_trained, tokens_trained = 0, 0, 0, 0, 0, 0
     no_gradient = _rows_without_gradient(config, model, rollout)
     lengths = rollout.lengths()
     for _ in range(config.num_iterations):
@@ -814,6 +817,8 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
             else:
                 chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
             for rows in chunks:
+                rows_trained += len(rows)
+                tokens_trained += sum(lengths[r] for r in rows)
                 part = rollout.select(rows).trimmed()
                 device = next(model.parameters()).device
                 logprobs, ent = completion_logprobs(train_model, part, config.temperature, entropy=True)
@@ -860,6 +865,8 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     out["skipped"] = skipped
     out["skipped_optimizer_steps"] = skipped
     out["update/rows_skipped"] = rows_skipped / max(1, config.num_iterations * B)
+    out["update/rows"] = rows_trained  # forward and backward passes over rows, all iterations
+    out["update/tokens"] = tokens_trained  # their prompt + completion tokens (padding not counted)
     out["nonfinite_loss"] = nonfinite_loss
     return out
 
