@@ -261,6 +261,45 @@ def test_grouped_experts_op_has_the_eager_gradient_and_compiles_in_one_graph():
         assert (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1e-3)
 
 
+def test_compiled_mla_training_skips_the_value_padding_on_short_sequences(monkeypatch):
+    """On a CPU, MLA pads V to the query's head size for the flash kernel; compiled, up to
+    MATH_PATH_MAX_LEN tokens it leaves V unpadded (the faster math path) and gives the same values."""
+    import r1kit.model.attention as attention
+
+    torch.manual_seed(0)
+    layer = Transformer(ModelConfig.preset("tiny")).model.layers[0].self_attn  # v 32 < q 48 dims: padding applies
+    assert layer.v_dim < layer.nope_dim + layer.rope_dim
+    x = torch.randn(2, 12, layer.o_proj.out_features)
+
+    def ops_traced(max_len):
+        monkeypatch.setattr(attention, "MATH_PATH_MAX_LEN", max_len)
+        torch._dynamo.reset()
+        seen = []
+
+        def backend(gm, _):
+            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+        out = torch.compile(lambda t: layer._naive(*_mla_inputs(layer, t), None), backend=backend)(x)
+        return out, seen
+
+    eager = layer._naive(*_mla_inputs(layer, x), None)
+    short, ops = ops_traced(256)
+    assert not any("pad" in op for op in ops), ops
+    padded, ops = ops_traced(8)  # 12 tokens > 8: the flash kernel on padded V again
+    assert any("pad" in op for op in ops), ops
+    for out in (short, padded):
+        assert (out - eager).abs().max().item() < 1e-5
+
+
+def _mla_inputs(layer, x):
+    """What MLAttention.forward hands `_naive`: q_nope, q_rope, c_kv, k_rope (no rotation: not needed here)."""
+    B, T, _ = x.shape
+    q = layer.q_b_proj(layer.q_a_layernorm(layer.q_a_proj(x))) if layer.q_lora_rank else layer.q_proj(x)
+    q_nope, q_rope = q.view(B, T, layer.n_heads, -1).split([layer.nope_dim, layer.rope_dim], dim=-1)
+    c_kv, k_rope = layer.kv_a_proj_with_mqa(x).split([layer.kv_lora_rank, layer.rope_dim], dim=-1)
+    return q_nope, q_rope, layer.kv_a_layernorm(c_kv), k_rope.unsqueeze(2)
+
+
 def test_group_limited_routing_keeps_chosen_experts_in_topk_groups():
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
