@@ -52,6 +52,7 @@ from r1kit.train.grpo_loss import (
     policy_loss,
     selective_log_softmax,
 )
+from r1kit.model.transformer import Cache
 from r1kit.train.optim import adamw
 
 # ==================================================================================== config
@@ -96,6 +97,7 @@ class GRPOConfig:
     micro_batch_size: int | None = None  # completions per forward/backward; None: a whole minibatch
     mask_truncated_completions: bool = False
     skip_zero_advantage: bool = True  # beta = 0: rows whose advantage is 0 add no gradient; skip their forward
+    share_prompts: bool = True  # run each group's prompt once in the update, not once per completion
     use_bias_correction_kl: bool = False  # TRL 1.16 defaults to True; R1's Eq. 2 does not have it
     ref_model_sync_steps: int = 0  # reset the reference to the policy every N steps (R1: 400); 0: never
     dynamic_sampling: bool | None = None  # drop groups with equal rewards, refill (dapo: on)
@@ -378,33 +380,75 @@ def prompt_fn_for(template: str, tokenizer, suffix: str = "") -> Callable[[dict]
 # ==================================================================================== the training forward
 
 
-def completion_logprobs(model, rollout: Rollout, temperature: float, entropy: bool = False):
-    """log pi(o_t | q, o_<t) for every completion token of `rollout`, in one padded forward.
+def completion_logprobs(model, rollout: Rollout, temperature: float, entropy: bool = False,
+                        share_prompts: bool = False):
+    """log pi(o_t | q, o_<t) for every completion token of `rollout`.
 
     Each row is prompt + completion, right-padded to the longest row (right padding cannot change
     a causal model's earlier positions). Position p's logits predict token p + 1, so completion
     token j of a row whose prompt has P tokens is read at position P - 1 + j. Log-probs are of
     softmax(logits / temperature), the distribution the engine sampled from.
+    `share_prompts`: rows with the same prompt run it once (see shared_prompt_logits).
     Returns (logprobs (B, C), entropy (B, C) or None) with C = rollout.completion_ids.shape[1].
     """
     device = next(model.parameters()).device
-    B, C = rollout.completion_ids.shape
-    prompt_lens = torch.tensor([len(p) for p in rollout.prompt_ids])
-    total = int((prompt_lens + rollout.completion_mask.sum(1).long()).max())
-    input_ids = torch.zeros(B, total, dtype=torch.long)
-    for i, p in enumerate(rollout.prompt_ids):
-        n = int(rollout.completion_mask[i].sum())
-        input_ids[i, :len(p)] = torch.as_tensor(p)
-        input_ids[i, len(p):len(p) + n] = rollout.completion_ids[i, :n]
-    # where each completion token's logits are: (B, C), clamped inside the row for padding
-    where = (prompt_lens.unsqueeze(1) - 1 + torch.arange(C)).clamp(max=total - 1)
-    logits = model(input_ids.to(device), logits_at=where.to(device))  # (B, C, V): completion positions only
+    if share_prompts and len({tuple(p) for p in rollout.prompt_ids}) < len(rollout):
+        logits = shared_prompt_logits(model, rollout)
+    else:
+        B, C = rollout.completion_ids.shape
+        prompt_lens = torch.tensor([len(p) for p in rollout.prompt_ids])
+        total = int((prompt_lens + rollout.completion_mask.sum(1).long()).max())
+        input_ids = torch.zeros(B, total, dtype=torch.long)
+        for i, p in enumerate(rollout.prompt_ids):
+            n = int(rollout.completion_mask[i].sum())
+            input_ids[i, :len(p)] = torch.as_tensor(p)
+            input_ids[i, len(p):len(p) + n] = rollout.completion_ids[i, :n]
+        # where each completion token's logits are: (B, C), clamped inside the row for padding
+        where = (prompt_lens.unsqueeze(1) - 1 + torch.arange(C)).clamp(max=total - 1)
+        logits = model(input_ids.to(device), logits_at=where.to(device))  # (B, C, V): completion positions only
     logprobs = selective_log_softmax(logits, rollout.completion_ids.to(device), temperature)
     ent = None
     if entropy:
         with torch.no_grad():
             ent = entropy_from_logits(logits.detach(), temperature)
     return logprobs, ent
+
+
+def shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor:
+    """The logits of completion_logprobs, with each distinct prompt run once for all its rows.
+
+    A GRPO group's completions share their prompt; a padded forward runs that prompt once per
+    completion, and with short completions the prompt is a large share of the tokens. Here the
+    prompts run once each into a KV cache (the model's own decoding path, with gradients on), the
+    cache's rows are copied to the completions (gradients flow back through the copy into the one
+    prompt pass), and the completions run after them at positions P.. . The logits of completion
+    token 0 come from the prompt's last position, those of token j > 0 from completion token j-1;
+    a completion's last token predicts nothing needed and is left out. Same values as the padded
+    forward up to float rounding.
+    """
+    device = next(model.parameters()).device
+    B, C = rollout.completion_ids.shape
+    prompts: dict[tuple, int] = {}
+    of_row = torch.tensor([prompts.setdefault(tuple(p), len(prompts)) for p in rollout.prompt_ids], device=device)
+    distinct = [list(p) for p in prompts]
+    lens = torch.tensor([len(p) for p in distinct], device=device)
+    P = int(lens.max())
+    ids = torch.zeros(len(distinct), P, dtype=torch.long)
+    for i, p in enumerate(distinct):
+        ids[i, :len(p)] = torch.as_tensor(p)
+    cache = model.new_cache(len(distinct), P + C)
+    positions = torch.arange(P, device=device).expand(len(distinct), P)
+    first = model(ids.to(device), positions=positions, cache=cache, kv_len=P, logits_at=(lens - 1).unsqueeze(1))
+    first = first[of_row]  # (B, 1, V): completion token 0 of each row
+    if C == 1:
+        return first
+    rows = Cache([tuple(t.index_select(0, of_row) for t in layer) if isinstance(layer, tuple)
+                  else layer.index_select(0, of_row) for layer in cache.layers], cache.max_seq_len)
+    start = lens[of_row].unsqueeze(1)  # each row's first completion slot
+    tokens = rollout.completion_ids[:, :C - 1].clone()  # a normal tensor: rollouts are made under inference_mode
+    rest = model(tokens.to(device), positions=start + torch.arange(C - 1, device=device),
+                 cache=rows, kv_len=int(start.max()) + C - 1)  # (B, C - 1, V)
+    return torch.cat([first, rest], dim=1)
 
 
 def length_buckets(rows: list[int], lengths: list[int], max_rows: int, overhead_tokens: int = 64) -> list[list[int]]:
@@ -433,14 +477,15 @@ def length_buckets(rows: list[int], lengths: list[int], max_rows: int, overhead_
 
 
 @torch.no_grad()
-def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> torch.Tensor:
+def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int,
+                     share_prompts: bool = False) -> torch.Tensor:
     """Log-probs under `model` without gradients (reference model, or re-computed old policy)."""
     was_training = model.training
     model.eval()
     out = torch.zeros_like(rollout.completion_mask)
     for rows in length_buckets(list(range(len(rollout))), rollout.lengths(), micro_batch_size):
         part = rollout.select(rows).trimmed()
-        lp, _ = completion_logprobs(model, part, temperature)
+        lp, _ = completion_logprobs(model, part, temperature, share_prompts=share_prompts)
         out[rows, :lp.shape[1]] = lp.float().cpu() * part.completion_mask
     model.train(was_training)
     return out
@@ -715,11 +760,13 @@ def train_grpo(
             tu = time.perf_counter()
             if config.num_iterations > 1 or getattr(engine, "recompute_old_logprobs", False):
                 # several passes (or a backend with other numerics, vLLM): pi_old in the training forward's numerics
-                rollout.old_logprobs = rollout_logprobs(model, rollout, config.temperature, micro)
+                rollout.old_logprobs = rollout_logprobs(model, rollout, config.temperature, micro,
+                                                        can_share_prompts(config, model, model))
             if ref_model is not None:
                 if config.ref_model_sync_steps and step > 0 and step % config.ref_model_sync_steps == 0:
                     ref_model.load_state_dict(model.state_dict())  # R1: the reference becomes the policy
-                rollout.ref_logprobs = rollout_logprobs(ref_model, rollout, config.temperature, micro)
+                rollout.ref_logprobs = rollout_logprobs(ref_model, rollout, config.temperature, micro,
+                                                        can_share_prompts(config, ref_model, ref_model))
             upd = _update(config, model, train_model, optimizer, scheduler, rollout, minibatch, micro, world_size, step)
             totals["skipped_steps"] += upd.pop("skipped")
             update_time = time.perf_counter() - tu
@@ -793,6 +840,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     count, skipped, nonfinite_loss, rows_skipped, rows_trained, tokens_trained = 0, 0, 0, 0, 0, 0
     no_gradient = _rows_without_gradient(config, model, rollout)
     lengths = rollout.lengths()
+    share = can_share_prompts(config, model, train_model)
     for _ in range(config.num_iterations):
         perm = torch.randperm(B, generator=gen).tolist() if config.num_minibatches > 1 else list(range(B))
         for start in range(0, B, minibatch):
@@ -821,7 +869,8 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 tokens_trained += sum(lengths[r] for r in rows)
                 part = rollout.select(rows).trimmed()
                 device = next(model.parameters()).device
-                logprobs, ent = completion_logprobs(train_model, part, config.temperature, entropy=True)
+                logprobs, ent = completion_logprobs(train_model, part, config.temperature, entropy=True,
+                                                    share_prompts=share)
                 mask = part.completion_mask.to(device)
                 loss, m = policy_loss(
                     logprobs, part.old_logprobs.to(device), part.advantages.to(device), mask,
@@ -869,6 +918,17 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     out["update/tokens"] = tokens_trained  # their prompt + completion tokens (padding not counted)
     out["nonfinite_loss"] = nonfinite_loss
     return out
+
+
+def can_share_prompts(config, model, train_model) -> bool:
+    """Whether the update may run each prompt once for its rows (shared_prompt_logits): on the plain
+    model only -- a compiled forward, DDP and FSDP expect one forward per backward, activation
+    checkpointing would write the KV cache again when it recomputes -- and not when a sequence-wise
+    balance loss is on (it reads each forward's routing as whole sequences)."""
+    if not config.share_prompts or train_model is not model or getattr(model, "gradient_checkpointing", False):
+        return False
+    cfg = getattr(model, "config", None)
+    return not (getattr(cfg, "aux_loss_alpha", 0) and getattr(cfg, "is_moe", False)) and hasattr(model, "new_cache")
 
 
 def _rows_without_gradient(config, model, rollout: Rollout) -> set[int]:
