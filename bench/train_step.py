@@ -7,6 +7,7 @@ the ratio means much).
 
     HF_HUB_OFFLINE=1 python bench/train_step.py [--batch 8 --seq 128 --rounds 5 --steps 3]
     HF_HUB_OFFLINE=1 python bench/train_step.py --device cuda --dtype bfloat16 --batch 32 --seq 512
+    HF_HUB_OFFLINE=1 python bench/train_step.py --compile-transformers   # also transformers compiled
 
 On a GPU both sides hold their weights in the given dtype (pure bf16, as a speed check; r1kit's
 trainers keep float32 master weights under bf16 autocast).
@@ -52,11 +53,14 @@ def configs():
 def make_step(model, is_hf: bool, compiled: bool = False):
     # fused AdamW on both sides: transformers' Trainer default (`adamw_torch_fused`) and r1kit's trainers'
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    loss_fn = torch.compile(lambda ids: model.loss(ids)["loss"]) if compiled else None
+    if is_hf:  # compiled as Trainer's `torch_compile=True` does: the model's forward and its loss
+        loss_fn = torch.compile(lambda ids: model(input_ids=ids, labels=ids).loss) if compiled else None
+    else:
+        loss_fn = torch.compile(lambda ids: model.loss(ids)["loss"]) if compiled else None
 
     def step(ids):
         if is_hf:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = loss_fn(ids) if compiled else model(input_ids=ids, labels=ids).loss
         elif compiled:
             loss = loss_fn(ids)
         else:
@@ -88,11 +92,17 @@ def bench(name, cls, cfg, args):
         diff = (ours(ids) - hf_model(ids).logits).abs().max().item()
     steps = {"r1kit": make_step(ours, False), "r1kit_compiled": make_step(ours_c, False, compiled=True),
              "transformers": make_step(hf_model, True)}
+    if args.compile_transformers:  # its own copy of the same weights, compiled as r1kit's is
+        hf_c = cls(cfg).train()
+        hf_c.load_state_dict(hf_model.state_dict())
+        steps["transformers_compiled"] = make_step(hf_c.to(device=args.device, dtype=dtype), True, compiled=True)
     for side, fn in steps.items():  # warm-up (the compiled side compiles here, untimed)
         t0 = time.perf_counter()
         fn(ids)
         if side == "r1kit_compiled":
             compile_s = time.perf_counter() - t0
+        if side == "transformers_compiled":
+            compile_hf_s = time.perf_counter() - t0
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for side, fn in steps.items():
@@ -107,6 +117,9 @@ def bench(name, cls, cfg, args):
     print(f"{name:12s} r1kit {tps['r1kit']:9.0f} tok/s, compiled {tps['r1kit_compiled']:9.0f} tok/s "
           f"({compile_s:.0f} s to compile)   transformers {tps['transformers']:9.0f} tok/s   "
           f"speedup {speedup:.2f}x eager, {compiled:.2f}x compiled   (initial logits max diff {diff:.1e})")
+    if "transformers_compiled" in tps:
+        print(f"{'':12s} transformers compiled {tps['transformers_compiled']:9.0f} tok/s ({compile_hf_s:.0f} s to compile): "
+              f"r1kit compiled / transformers compiled {tps['r1kit_compiled'] / tps['transformers_compiled']:.2f}x")
     return tps, speedup, compiled
 
 
@@ -118,6 +131,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides on it)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile-transformers", action="store_true",
+                        help="also time transformers' model under torch.compile (Trainer's torch_compile=True)")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, {args.dtype}, "
@@ -130,6 +145,8 @@ def main():
         figures[f"{name}_r1kit_compiled_tokens_per_s"] = round(tps["r1kit_compiled"], 1)
         figures[f"{name}_r1kit_tokens_per_s"] = round(tps["r1kit"], 1)
         figures[f"{name}_transformers_tokens_per_s"] = round(tps["transformers"], 1)
+        if "transformers_compiled" in tps:
+            figures[f"{name}_speedup_both_compiled"] = round(tps["r1kit_compiled"] / tps["transformers_compiled"], 3)
     print(json.dumps(figures))
 
 
