@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from r1kit.model.transformer import Cache
 from r1kit.train.grpo_loss import (
     LOSS_TYPES,
     entropy_from_logits,
@@ -52,7 +53,6 @@ from r1kit.train.grpo_loss import (
     policy_loss,
     selective_log_softmax,
 )
-from r1kit.model.transformer import Cache
 from r1kit.train.optim import adamw
 
 # ==================================================================================== config
@@ -922,10 +922,13 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
 
 def can_share_prompts(config, model, train_model) -> bool:
     """Whether the update may run each prompt once for its rows (shared_prompt_logits): on the plain
-    model only -- a compiled forward, DDP and FSDP expect one forward per backward, activation
-    checkpointing would write the KV cache again when it recomputes -- and not when a sequence-wise
-    balance loss is on (it reads each forward's routing as whole sequences)."""
+    model only, and not under torch.distributed -- a compiled forward, DDP and FSDP expect one
+    forward per backward; activation checkpointing would write the KV cache again when it
+    recomputes -- and not when a sequence-wise balance loss is on (it reads each forward's routing
+    as whole sequences)."""
     if not config.share_prompts or train_model is not model or getattr(model, "gradient_checkpointing", False):
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # FSDP2 shards the module in place
         return False
     cfg = getattr(model, "config", None)
     return not (getattr(cfg, "aux_loss_alpha", 0) and getattr(cfg, "is_moe", False)) and hasattr(model, "new_cache")
