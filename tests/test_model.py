@@ -95,10 +95,14 @@ def test_sharded_save_round_trip(tmp_path):
         assert torch.equal(model.eval()(ids), back(ids))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense", "tiny-dense-6-per-kv-head"])
 def test_incremental_decoding_equals_full_forward(preset):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset(preset)).eval()
+    if preset == "tiny-dense-6-per-kv-head":  # R1-Distill-Qwen-1.5B's grouping: decode folds the query heads
+        cfg = ModelConfig.preset("tiny-dense", num_attention_heads=12, num_key_value_heads=2)
+    else:
+        cfg = ModelConfig.preset(preset)
+    model = Transformer(cfg).eval()
     ids = torch.randint(0, 512, (3, 16))
     with torch.no_grad():
         full = model(ids)
@@ -259,6 +263,31 @@ def test_grouped_experts_op_has_the_eager_gradient_and_compiles_in_one_graph():
     traced = torch.autograd.grad(torch.compile(lambda i: model.loss(i)["loss"], backend="aot_eager")(ids), params)
     for a, b in zip(traced, eager):
         assert (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1e-3)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (12, 2), (4, 2)])
+def test_decode_attention_folds_query_heads_per_kv_head_exactly(heads, kv_heads, monkeypatch):
+    """One-token decode with >= FOLD_MIN_GROUP query heads per KV head runs each KV head's query heads
+    as query rows of one head; the result equals SDPA's own grouped-query attention."""
+    import torch.nn.functional as F
+
+    import r1kit.model.attention as attention
+
+    torch.manual_seed(0)
+    B, S, D = 3, 40, 16
+    q = torch.randn(B, 1, heads, D).transpose(1, 2)  # (B, H, 1, D), strided as the model hands it over
+    k, v = (torch.randn(B, S, kv_heads, D).transpose(1, 2) for _ in range(2))
+    mask = torch.zeros(B, 1, 1, S)
+    mask[0, ..., 25:] = float("-inf")  # rows at different lengths
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    out = attention.attend(q, k, v, mask, 0.3, gqa=True)
+    assert (out - ref).abs().max().item() < 1e-5
+    folded = heads // kv_heads >= attention.FOLD_MIN_GROUP
+    assert calls[-1] == ((B, kv_heads, heads // kv_heads, D) if folded else (B, heads, 1, D))
 
 
 def test_compiled_mla_training_skips_the_value_padding_on_short_sequences(monkeypatch):
