@@ -24,7 +24,8 @@ For each size:
    and per sampled token; the update a forward and a backward over the rows that carry a gradient,
    each group's prompt counted once. Timed in this run on this machine's GEMM kernels: the model's
    own (fused) weight matrices one after another, per token, at generation's batch (all rows live,
-   the kernels' best case for decoding) and at 2048 rows for the update (forward, dx and dW). TRL's
+   the kernels' best case for decoding; the faster of torch's products and r1kit's packed ones) and
+   at 2048 rows for the update (forward, dx and dW, torch's). TRL's
    step / that floor caps the speedup of an implementation that runs only those products with these
    kernels; the same arithmetic at the best GFLOP/s measured here (2048-row products of the model's
    shapes, or 1024^3) gives a second, looser cap.
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import r1kit  # noqa: E402
-from r1kit.model import ModelConfig, Transformer  # noqa: E402
+from r1kit.model import ModelConfig, Transformer, cpu_kernels  # noqa: E402
 from r1kit.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from r1kit.tokenizer import train_tokenizer  # noqa: E402
 from r1kit.train import grpo  # noqa: E402
@@ -105,7 +106,8 @@ def _best_time(fn, seconds: float = 0.3) -> float:
 
 def product_seconds(weights: list[torch.Tensor], rows: int, backward: bool) -> float:
     """Seconds per token of these weight products alone, one after another as a model runs them,
-    with `rows` tokens per product: forward x W^T; with backward also dx = dy W and dW = dy^T x."""
+    with `rows` tokens per product: forward x W^T; with backward also dx = dy W and dW = dy^T x.
+    Forward only (generation), the faster of torch's products and r1kit's packed ones (cpu_kernels)."""
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     dys = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
     wts = [w.t().contiguous() for w in weights]  # (in, out): the layout r1kit's engine decodes with
@@ -120,7 +122,16 @@ def product_seconds(weights: list[torch.Tensor], rows: int, backward: bool) -> f
                     torch.mm(dys[n].t(), xs[k])
                 else:
                     torch.mm(xs[k], wt)
-    return _best_time(run) / rows
+    best = _best_time(run)
+    if not backward and cpu_kernels.library() is not None:
+        packed = [cpu_kernels.PackedWeight() for _ in weights]
+
+        def run_packed():
+            with torch.inference_mode():
+                for w, p in zip(weights, packed):
+                    p(xs[w.shape[1]], w, None)
+        best = min(best, _best_time(run_packed))
+    return best / rows
 
 
 def gemm_peak(weights: list[torch.Tensor], rows: int = 2048) -> float:

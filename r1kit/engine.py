@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from r1kit.model import Cache
+from r1kit.model import cpu_kernels
 from r1kit.model.fuse import prepare_for_decode
 
 FINISH_REASONS = ("stop", "length")
@@ -271,7 +272,7 @@ def intra_op_threads(n: int | None):
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 64, max_seq_len: int | None = None,
                  num_threads: int | None = None, fuse: bool = True, compile: bool | str = False,
-                 freeze: bool = False):
+                 freeze: bool = False, pack_weights: bool | None = None):
         """`compile`: run decode steps through torch.compile (True: inductor, with CUDA graphs on a
         GPU; a string names another backend). Shapes are made static for it: every step attends over
         the whole cache under the mask, and each batch size compiles once. It pays most where a
@@ -284,12 +285,22 @@ class Engine:
         of the compiled step, prepacked for the CPU's GEMM kernels (dense batch-1 decoding about
         10-30% faster here). For inference only: the step keeps the weights it was compiled with,
         so generating after the weights changed (an optimizer step) raises instead. `chat` and
-        `serve --compile` use it; GRPO's compile_generation does not."""
+        `serve --compile` use it; GRPO's compile_generation does not.
+
+        `pack_weights` (eager steps on a CPU with AVX2): products over 2-64 rows (batched decoding,
+        GRPO's groups, the server's continuous batch) run r1kit's own kernels on a packed copy of
+        the weights (model/cpu_kernels.py), 1.5-2x MKL's here. The copy costs the linear weights' size
+        again, allocated at the first such batch and refreshed when the weights change (a few ms per
+        25M parameters). None: on when those weights fit in cpu_kernels.AUTO_BYTES (1 GiB)."""
         self.num_threads = num_threads
         # fused projections and transposed weights (model/fuse.py), in place: a CPU BLAS layout. Not on a
         # GPU, where cuBLAS takes either layout and the column views would not suit fused AdamW's kernel
         if fuse and next(model.parameters()).device.type == "cpu":
             prepare_for_decode(model)
+            if pack_weights is None:
+                pack_weights = cpu_kernels.linear_bytes(model) <= cpu_kernels.AUTO_BYTES
+            if pack_weights and not compile:
+                cpu_kernels.attach(model)
         self.model = model  # switched to eval mode only while generating (see eval_mode)
         self.tokenizer = tokenizer
         self.config = model.config

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
+from r1kit.model.cpu_kernels import project
 from r1kit.model.layers import RMSNorm, Rotary, softmax_scale
 
 
@@ -114,7 +115,7 @@ class GQAttention(nn.Module):
             write_cache(v_cache, slots, v)
             k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLAttention(nn.Module):
@@ -158,7 +159,7 @@ class MLAttention(nn.Module):
         else:
             q, kv = q_in(x), self.kv_a_proj_with_mqa(x)
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            q = project(self.q_b_proj, self.q_a_layernorm(q))
         q_nope, q_rope = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = rotary.apply(q_rope, cos, sin)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -168,7 +169,7 @@ class MLAttention(nn.Module):
             out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
         else:
             out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, cache, slots, kv_len)
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+        return project(self.o_proj, out.reshape(B, T, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_rope, c_kv, k_rope, mask):
         B, T = c_kv.shape[:2]

@@ -22,8 +22,9 @@ Saving is unaffected (hf.save writes contiguous copies); distributed wrappers ar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from r1kit.model.cpu_kernels import linear
 
 
 class Fused:
@@ -55,6 +56,7 @@ class Fused:
         self.bias = bias
         # a layer without a bias got zeros here: only valid while it still has none
         self.bias_free = [b is None for b in biases]
+        self.packed = None  # a cpu_kernels.PackedWeight, when the engine packs weights (cpu_kernels.attach)
 
     @torch.compiler.assume_constant_result  # a compiled decode step decides once, at trace time
     def usable(self) -> bool:
@@ -75,7 +77,7 @@ class Fused:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 def _transpose_storage(param: nn.Parameter) -> None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
+from r1kit.model.cpu_kernels import project
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +39,7 @@ class MLP(nn.Module):
             gate, up = self.fused(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return project(self.down_proj, F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------------- rotary embeddings

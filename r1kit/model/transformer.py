@@ -14,6 +14,7 @@ from torch import nn
 
 from r1kit.model.attention import GQAttention, MLAttention, cache_slots
 from r1kit.model.config import ModelConfig
+from r1kit.model.cpu_kernels import linear, project
 from r1kit.model.layers import MLP, RMSNorm, Rotary
 from r1kit.model.moe import MoE
 
@@ -103,8 +104,8 @@ class Transformer(nn.Module):
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
-            return self.lm_head(h)  # a module call, so a quantized head replaces it cleanly
-        return F.linear(h, self.model.embed_tokens.weight)
+            return project(self.lm_head, h)  # a module call, so a quantized head replaces it cleanly
+        return linear(h, self.model.embed_tokens.weight, packed=self.__dict__.get("head_packed"))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

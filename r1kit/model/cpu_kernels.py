@@ -1,0 +1,194 @@
+"""CPU decode kernels (cpu_kernels.c): matrix products at small batch on packed weights.
+
+They run only where they apply (float32 on a CPU, no gradient, outside torch.compile, 2-64 rows)
+and where the kernels could be built; everywhere else the model runs torch's ops, so nothing
+depends on them.
+
+A decode step multiplies a few rows (the batch) by every weight matrix. torch's CPU products go to
+MKL's sgemm, which re-packs the weight into panels on every call; with 2-64 rows that repacking is
+much of the cost. `cpu_kernels.c` keeps a packed copy of each weight (made once, remade only when the
+weights change, e.g. after a GRPO optimizer step) and streams it once per product. On this
+project's 2-core AVX2 CPU (bench/decode_gemm.py), the products of a decode step of the 25M model
+and of two R1-Distill-Qwen-1.5B-shaped layers: on one thread 1.2-2.3x MKL at 2-64 rows and
+0.9-1.0x at one row (which stays on MKL); on two threads 1.7-3.7x at 1-64 rows.
+
+The cost is memory: a packed copy of every linear weight, allocated on first use by a batch of 2
+or more rows. `Engine(pack_weights=...)` decides (by default, models whose linear weights fit in
+`AUTO_BYTES`); `attach(model)` marks the layers, `project` / `linear` are the call sites.
+
+(Decode attention and RMSNorm kernels of the same kind were measured too and did not beat torch's
+SDPA and F.rms_norm at these sizes, so they are not here.)
+
+The C source is compiled with the system C compiler on first use (about a second) into
+`$R1KIT_CACHE` (default ~/.cache/r1kit). Without an x86 CPU with AVX2 and FMA, or without a
+compiler, `library()` is None and every product stays on torch. `R1KIT_CPU_GEMM=0` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+NR = 24  # columns per panel, as in cpu_kernels.c
+# where the packed product beats torch's (bench/decode_gemm.py): 2-64 rows; one row too with 2+ threads
+# (MKL's one-row kernel is as fast on one thread, 0.9-1.0x, but does not gain from a second: 1.5-1.7x)
+MIN_ROWS, MAX_ROWS = 2, 64
+AUTO_BYTES = 1 << 30  # pack_weights=None packs models whose linear weights (fp32) fit in 1 GiB
+
+_LIB: ctypes.CDLL | None = None
+_TRIED = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("R1KIT_CACHE") or Path.home() / ".cache" / "r1kit")
+
+
+def _build(out: Path) -> None:
+    """Compile the source to `out`, atomically: a half-written library is never loaded."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run (then torch does every product)."""
+    global _LIB, _TRIED
+    if _TRIED:
+        return _LIB
+    _TRIED = True
+    if os.environ.get("R1KIT_CPU_GEMM", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64") or \
+            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_kernels-{digest}.so"
+    try:
+        if not path.exists():
+            _build(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"r1kit: CPU decode kernels unavailable, using torch's products ({e}). "
+                      f"Install a C compiler (gcc) to enable them, or set R1KIT_CPU_GEMM=0 to silence this.")
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.r1_pack.argtypes = [ptr, i64, i64, i64, i64, ptr, i32]
+    lib.r1_pack.restype = None
+    lib.r1_gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
+    lib.r1_gemm.restype = None
+    _LIB = lib
+    return lib
+
+
+class PackedWeight:
+    """A weight (out, in), as F.linear takes it, packed for r1_gemm. The copy follows the weight:
+    before each product it checks the weight is still the tensor, values and layout it packed
+    (storage, version counter, shape, strides) and packs again into the same buffer if not."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.key: tuple | None = None
+
+    @staticmethod
+    def accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training, or inside a graph
+            return False
+        rows = x.numel() // max(x.shape[-1], 1)
+        return ((MIN_ROWS <= rows or torch.get_num_threads() > 1) and rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32
+                and x.device.type == weight.device.type == "cpu" and library() is not None)
+
+    def _packed(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
+        if key != self.key:
+            N, K = weight.shape
+            size = -(-N // NR) * NR * K
+            if self.buffer is None or self.buffer.numel() != size:
+                self.buffer = torch.empty(size, dtype=torch.float32)
+            w = weight.detach()
+            # W = weight.t(): (K, N), element [k][n] at weight[n][k]
+            library().r1_pack(w.data_ptr(), K, N, w.stride(1), w.stride(0), self.buffer.data_ptr(),
+                              torch.get_num_threads())
+            self.key = key
+        return self.buffer
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        N, K = weight.shape
+        x2 = x.reshape(-1, K)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        packed = self._packed(weight)
+        y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+        if bias is not None:
+            bias = bias.detach().contiguous()
+        library().r1_gemm(x2.data_ptr(), x2.shape[0], K, x2.stride(0), packed.data_ptr(), N,
+                          bias.data_ptr() if bias is not None else None, y.data_ptr(), N, torch.get_num_threads())
+        return y.view(*x.shape[:-1], N)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: PackedWeight | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through `packed` when it applies (a few rows, no gradient, CPU)."""
+    if packed is not None and packed.accepts(x, weight):
+        return packed(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for an nn.Linear marked by `attach`; any other layer (a quantized one) is just called."""
+    packed = layer.__dict__.get("packed_weight")
+    if packed is not None and type(layer) is nn.Linear and packed.accepts(x, layer.weight):
+        return packed(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+def linear_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+
+
+def attach(model: nn.Module) -> bool:
+    """Give every linear layer of `model` (and its fused groups, and a tied output head) a
+    PackedWeight, filled on first use. False (and nothing attached) where the kernels cannot run."""
+    if library() is None:
+        return False
+    for module in model.modules():
+        if type(module) is nn.Linear and "packed_weight" not in module.__dict__:
+            module.packed_weight = PackedWeight()
+        fused = getattr(module, "fused", None)
+        if fused is not None and getattr(fused, "packed", None) is None:
+            fused.packed = PackedWeight()
+    if getattr(model, "lm_head", "absent") is None:
+        model.head_packed = PackedWeight()
+    return True
+
+
+def detach(model: nn.Module) -> None:
+    """Drop every packed copy (frees their memory)."""
+    for module in model.modules():
+        module.__dict__.pop("packed_weight", None)
+        module.__dict__.pop("head_packed", None)
+        fused = getattr(module, "fused", None)
+        if fused is not None:
+            fused.packed = None
+

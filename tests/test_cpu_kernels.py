@@ -1,0 +1,152 @@
+"""r1kit's CPU decode products (model/cpu_kernels.py): same values as torch's, used only where they
+apply, repacked when the weights change, and everything still runs without them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1kit.engine import Engine, SamplingParams
+from r1kit.model import ModelConfig, Transformer, cpu_kernels
+from r1kit.model.fuse import prepare_for_decode
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.library() is None,
+                                   reason="needs an x86 CPU with AVX2 and a C compiler")
+
+
+def _calls(monkeypatch) -> list[int]:
+    """Count r1_gemm calls (rows of each)."""
+    lib, seen = cpu_kernels.library(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if name != "r1_gemm":
+                return fn
+
+            def gemm(*args):
+                seen.append(args[1])
+                return fn(*args)
+            return gemm
+
+    monkeypatch.setattr(cpu_kernels, "_LIB", Spy())
+    return seen
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 31, 64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packed_product_equals_linear(rows, transposed):
+    torch.manual_seed(rows)
+    out_f, in_f = 53, 40  # N not a multiple of the 24-column panels, K odd-sized
+    w = torch.randn(out_f, in_f)
+    if transposed:  # the engine's layout: (out, in) stored column-major (fuse.py)
+        w = w.t().contiguous().t()
+    b = torch.randn(out_f)
+    x = torch.randn(rows, in_f)
+    p = cpu_kernels.PackedWeight()
+    with torch.inference_mode():
+        for bias in (None, b):
+            torch.testing.assert_close(p(x, w, bias), F.linear(x, w, bias), atol=1e-5, rtol=1e-5)
+        xs = torch.randn(rows, 2 * in_f)[:, ::2]  # non-contiguous rows
+        torch.testing.assert_close(p(xs, w, b), F.linear(xs, w, b), atol=1e-5, rtol=1e-5)
+        x3 = torch.randn(rows, 1, in_f)  # (B, T, in) as a decode step passes it
+        assert p(x3, w, b).shape == (rows, 1, out_f)
+
+
+@needs_kernels
+def test_repacks_when_the_weight_changes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 30)
+    prepare_for_decode(torch.nn.Sequential(lin))
+    cpu_kernels.attach(torch.nn.Sequential(lin))
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        before = cpu_kernels.project(lin, x)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # an optimizer step: in place, the version counter moves
+    with torch.inference_mode():
+        after = cpu_kernels.project(lin, x)
+        torch.testing.assert_close(after, F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+    lin.weight = torch.nn.Parameter(torch.randn(30, 32))  # a new tensor altogether
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.project(lin, x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_used_only_where_it_applies(monkeypatch):
+    lin, lin64 = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8).double()
+    cpu_kernels.attach(torch.nn.Sequential(lin, lin64))
+    seen = _calls(monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    x = torch.randn(4, 16)
+    cpu_kernels.project(lin, x)  # gradients on: training stays on torch
+    with torch.no_grad():
+        cpu_kernels.project(lin, torch.randn(1, 16))  # one row on one thread: torch (as fast)
+        cpu_kernels.project(lin, torch.randn(65, 16))  # many rows: torch
+        cpu_kernels.project(lin64, x.double())  # not float32
+        assert seen == []
+        cpu_kernels.project(lin, x)
+    assert seen == [4]
+
+
+@needs_kernels
+@pytest.mark.parametrize("preset", ["qwen2", "tiny"])
+def test_decoding_with_and_without_kernels_agrees(preset, monkeypatch):
+    torch.manual_seed(0)
+    if preset == "qwen2":
+        cfg = ModelConfig(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True)
+    else:  # DeepSeek-V3: MLA (q_b, o), shared experts, untied head
+        cfg = ModelConfig.preset("tiny", vocab_size=300)
+    model = Transformer(cfg).eval()
+    engine = Engine(model, max_batch_size=8)
+    params = SamplingParams(n=3, max_tokens=12, temperature=0)
+    seen = _calls(monkeypatch)
+    ours = engine.generate([[1, 2, 3], [4, 5]], params)
+    assert seen and max(seen) <= 6  # the packed products ran, on the batch's rows
+    monkeypatch.setattr(cpu_kernels, "_LIB", None)  # as where the kernels cannot be built
+    ref = engine.generate([[1, 2, 3], [4, 5]], params)
+    assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+def test_engine_packs_small_models_only(monkeypatch):
+    cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    if cpu_kernels.library() is None:
+        model = Transformer(cfg)
+        Engine(model)  # nothing to attach, nothing breaks
+        assert "packed_weight" not in model.model.layers[0].self_attn.o_proj.__dict__
+        return
+    model = Transformer(cfg)
+    Engine(model)
+    assert isinstance(model.model.layers[0].self_attn.o_proj.__dict__.get("packed_weight"), cpu_kernels.PackedWeight)
+    assert model.model.layers[0].mlp.fused.packed is not None
+    model = Transformer(cfg)
+    Engine(model, pack_weights=False)
+    assert "packed_weight" not in model.model.layers[0].self_attn.o_proj.__dict__
+    monkeypatch.setattr(cpu_kernels, "AUTO_BYTES", 1000)  # a model too big for the default
+    model = Transformer(cfg)
+    Engine(model)
+    assert "packed_weight" not in model.model.layers[0].self_attn.o_proj.__dict__
+    cpu_kernels.detach(model)  # safe on a model without copies
+
+
+def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_LIB", None)
+    monkeypatch.setattr(cpu_kernels, "_TRIED", False)
+    monkeypatch.setenv("R1KIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match="CPU decode kernels unavailable"):
+        assert cpu_kernels.library() is None
+    assert list(tmp_path.iterdir()) == []  # no half-built library left behind
+    lin = torch.nn.Linear(8, 4)
+    assert cpu_kernels.attach(torch.nn.Sequential(lin)) is False
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_kernels.project(lin, torch.ones(3, 8)), lin(torch.ones(3, 8)))
+    monkeypatch.setattr(cpu_kernels, "_TRIED", False)
+    monkeypatch.setenv("R1KIT_CPU_GEMM", "0")
+    assert cpu_kernels.library() is None
