@@ -14,7 +14,8 @@ For each size:
 3. seconds per step (median over the steps, so the first step's warm-up does not count; wall time and,
    since the machine is shared, CPU time of this single-threaded process too) and held-out
    pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6),
-   with the standard error of their difference over the 12 held-out problems.
+   with the standard error of their difference over the 12 held-out problems (both sides' errors
+   combined, and paired by problem).
 4. where the time goes: each side's rollout (TRL's `_generate_and_score_completions`, timed by a
    wrapper; r1kit's generation) and update. Both updates run the same forward and backward products
    (r1kit leaves out the rows whose advantage is 0, see GRPOConfig.skip_zero_advantage), so
@@ -264,10 +265,18 @@ def run_r1kit(folder: Path, train, args, compiled: bool = False) -> tuple[list[f
     return times, model
 
 
-def held_out_pass1(model, tok, held_out, args) -> tuple[float, float]:
+def held_out_pass1(model, tok, held_out, args) -> tuple[float, float, list[float]]:
     cfg = grpo.GRPOConfig(template=TEMPLATE, max_completion_length=args.max_completion_length)
     out = grpo.evaluate_pass1(model, tok, held_out, cfg, verify=lambda t, s: reward(t, s) >= 1.0, k=args.k)
-    return out["pass@1"], out["pass@1_stderr"]
+    return out["pass@1"], out["pass@1_stderr"], out["per_problem"]
+
+
+def paired_stderr(a: list[float], b: list[float]) -> float:
+    """Standard error of mean(a - b) over problems: both models answer the same problems, so their
+    difference is judged by its per-problem spread, not by each side's spread across problems."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
 
 
 def main() -> int:
@@ -315,19 +324,19 @@ def main() -> int:
             prompt_len = plens.pop()
             base = work / "base"
             r1kit.save(model, tok, base)
-            base_acc, _ = held_out_pass1(model, tok, held_out, args)
+            base_acc, _, _ = held_out_pass1(model, tok, held_out, args)
             print(f"[{size}] Qwen2 {n_params / 1e6:.1f}M params, pretrained {steps} steps; base held-out pass@1 "
                   f"{100 * base_acc:.1f}%", flush=True)
             # interleaved in one run, r1kit first then TRL; each from the same saved base
             r1_times, r1_model = run_r1kit(base, train, args)
-            r1_acc, r1_se = held_out_pass1(r1_model, tok, held_out, args)
+            r1_acc, r1_se, r1_pp = held_out_pass1(r1_model, tok, held_out, args)
             comp_times, comp_model = run_r1kit(base, train, args, compiled=True)
-            comp_acc, _ = held_out_pass1(comp_model, tok, held_out, args)
+            comp_acc, _, _ = held_out_pass1(comp_model, tok, held_out, args)
             trl_lengths: list[float] = []
             trl_rollout: list[float] = []
             trl_times, trl_folder = run_trl(base, train, args, work, trl_lengths, trl_rollout)
             trl_model, _ = r1kit.load(trl_folder)
-            trl_acc, trl_se = held_out_pass1(trl_model, tok, held_out, args)
+            trl_acc, trl_se, trl_pp = held_out_pass1(trl_model, tok, held_out, args)
             r1_step, trl_step, comp_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times, comp_times))
             comp_total = sum(t[0] for t in comp_times)  # compiling is paid in the first steps: the sum shows it
             r1_cpu, trl_cpu = (statistics.median(t[1] for t in ts) for ts in (r1_times, trl_times))
@@ -348,6 +357,8 @@ def main() -> int:
                 "trl_pass1": round(100 * trl_acc, 1), "accuracy_delta": round(100 * (r1_acc - trl_acc), 1),
                 # standard error of that difference over the held-out problems (both sides' errors combined)
                 "accuracy_delta_stderr": round(100 * (r1_se ** 2 + trl_se ** 2) ** 0.5, 1),
+                # the same, paired by problem (the sharper test: both answer the same 12 problems)
+                "accuracy_delta_paired_stderr": round(100 * paired_stderr(r1_pp, trl_pp), 1),
                 "r1kit_compiled_s_per_step": round(comp_step, 3), "step_speedup_compiled": round(trl_step / comp_step, 2),
                 "r1kit_compiled_total_s": round(comp_total, 1), "r1kit_total_s": round(sum(t[0] for t in r1_times), 1),
                 "trl_total_s": round(sum(t[0] for t in trl_times), 1), "r1kit_compiled_pass1": round(100 * comp_acc, 1), "learning_rate": args.lr,
@@ -369,7 +380,8 @@ def main() -> int:
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
                   f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
-                  f"(difference {f['accuracy_delta']:+.1f} +- {f['accuracy_delta_stderr']} points, one standard error) "
+                  f"(difference {f['accuracy_delta']:+.1f} +- {f['accuracy_delta_stderr']} points, one standard error; "
+                  f"+- {f['accuracy_delta_paired_stderr']} paired by problem) "
                   f"(base {f['base_pass1']}%); mean completion length r1kit {f['r1kit_mean_completion_len']} "
                   f"TRL {f['trl_mean_completion_len']} tokens", flush=True)
             print(f"[{size}] where the time goes (median s/step): r1kit generate {r1_gen:.3f} + update {r1_upd:.3f}; "

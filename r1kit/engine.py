@@ -27,6 +27,7 @@ import torch
 from r1kit.model import Cache
 from r1kit.model import cpu_kernels
 from r1kit.model.fuse import prepare_for_decode
+from r1kit.model.updates import version
 
 FINISH_REASONS = ("stop", "length")
 PREFILL_ACTIVATION_BUDGET = 1 << 27  # floats of (rows x tokens x hidden x 16) one prefill forward may hold
@@ -363,11 +364,11 @@ class Engine:
         return cache
 
     def _weight_versions(self) -> tuple | None:
-        """In-place updates (an optimizer step) bump a tensor's version: a cheap fingerprint."""
-        try:
-            return tuple(t._version for t in (*self.model.parameters(), *self.model.buffers()))
-        except RuntimeError:  # inference tensors keep no version; nothing can update them outside inference mode
+        """In-place updates and optimizer steps (model/updates.py): a cheap fingerprint."""
+        versions = tuple(version(t) for t in (*self.model.parameters(), *self.model.buffers()))
+        if all(v[0] == -1 for v in versions):  # inference tensors: nothing outside inference mode can update them
             return None
+        return versions
 
     def check_frozen(self) -> None:
         if self._frozen is not None and self._weight_versions() != self._frozen:

@@ -150,3 +150,48 @@ def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_TRIED", False)
     monkeypatch.setenv("R1KIT_CPU_GEMM", "0")
     assert cpu_kernels.library() is None
+
+
+@pytest.mark.parametrize("kind", ["fused", "foreach"])
+def test_version_sees_every_optimizer_step(kind):
+    """torch's fused AdamW updates parameters without bumping their version counter: updates.version
+    counts optimizer steps too, so nothing derived from the weights goes stale unnoticed."""
+    from r1kit.model.updates import version
+
+    lin = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, **{kind: True})
+    before = version(lin.weight)
+    lin(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert version(lin.weight) != before
+    after = version(lin.weight)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    assert version(lin.weight) != after
+
+
+@needs_kernels
+@pytest.mark.parametrize("preset", ["qwen2", "tiny"])
+def test_packed_copies_follow_optimizer_steps(preset, monkeypatch):
+    """GRPO's loop: generate, update the weights with fused AdamW, generate again. The second
+    generation must use the new weights in every product (fused groups included)."""
+    torch.manual_seed(0)
+    if preset == "qwen2":
+        cfg = ModelConfig(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True)
+    else:
+        cfg = ModelConfig.preset("tiny", vocab_size=300)
+    model = Transformer(cfg)
+    engine = Engine(model, max_batch_size=8)
+    params = SamplingParams(n=3, max_tokens=8, temperature=0)
+    engine.generate([[1, 2, 3], [4, 5]], params)  # packs
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model.train()
+    model.loss(torch.randint(0, 300, (4, 12)))["loss"].backward()
+    opt.step()
+    ours = engine.generate([[1, 2, 3], [4, 5]], params)
+    monkeypatch.setattr(cpu_kernels, "_LIB", None)
+    ref = engine.generate([[1, 2, 3], [4, 5]], params)
+    assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

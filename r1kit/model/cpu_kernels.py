@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from r1kit.model.updates import version
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 NR = 24  # columns per panel, as in cpu_kernels.c
 # where the packed product beats torch's (bench/decode_gemm.py): 2-64 rows; one row too with 2+ threads
@@ -105,7 +107,9 @@ def library() -> ctypes.CDLL | None:
 class PackedWeight:
     """A weight (out, in), as F.linear takes it, packed for r1_gemm. The copy follows the weight:
     before each product it checks the weight is still the tensor, values and layout it packed
-    (storage, version counter, shape, strides) and packs again into the same buffer if not."""
+    (storage, `updates.version`, shape, strides) and packs again into the same buffer if not.
+    `version`: the caller's fingerprint of the values, for a weight that is a view of parameters
+    (a fused group) whose updates its own version does not see."""
 
     def __init__(self):
         self.buffer: torch.Tensor | None = None
@@ -119,8 +123,9 @@ class PackedWeight:
         return ((MIN_ROWS <= rows or torch.get_num_threads() > 1) and rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32
                 and x.device.type == weight.device.type == "cpu" and library() is not None)
 
-    def _packed(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
+    def _packed(self, weight: torch.Tensor, version_key=None) -> torch.Tensor:
+        key = (weight.data_ptr(), version(weight) if version_key is None else version_key,
+               tuple(weight.shape), weight.stride())
         if key != self.key:
             N, K = weight.shape
             size = -(-N // NR) * NR * K
@@ -133,12 +138,13 @@ class PackedWeight:
             self.key = key
         return self.buffer
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 version_key=None) -> torch.Tensor:
         N, K = weight.shape
         x2 = x.reshape(-1, K)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
-        packed = self._packed(weight)
+        packed = self._packed(weight, version_key)
         y = torch.empty(x2.shape[0], N, dtype=torch.float32)
         if bias is not None:
             bias = bias.detach().contiguous()
@@ -148,10 +154,10 @@ class PackedWeight:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: PackedWeight | None = None) -> torch.Tensor:
+           packed: PackedWeight | None = None, version_key=None) -> torch.Tensor:
     """F.linear(x, weight, bias), through `packed` when it applies (a few rows, no gradient, CPU)."""
     if packed is not None and packed.accepts(x, weight):
-        return packed(x, weight, bias)
+        return packed(x, weight, bias, version_key)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -169,8 +175,11 @@ def linear_bytes(model: nn.Module) -> int:
 
 def attach(model: nn.Module) -> bool:
     """Give every linear layer of `model` (and its fused groups, and a tied output head) a
-    PackedWeight, filled on first use. False (and nothing attached) where the kernels cannot run."""
-    if library() is None:
+    PackedWeight, filled on first use. False (and nothing attached) where the kernels cannot run, or
+    under torch.distributed (DDP/FSDP own the parameters; FSDP2 shards them)."""
+    import torch.distributed as dist
+
+    if library() is None or (dist.is_available() and dist.is_initialized()):
         return False
     for module in model.modules():
         if type(module) is nn.Linear and "packed_weight" not in module.__dict__:

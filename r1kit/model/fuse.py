@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from r1kit.model.cpu_kernels import linear
+from r1kit.model.updates import version
 
 
 class Fused:
@@ -77,7 +78,11 @@ class Fused:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        if self.packed is None:
+            return linear(x, self.weight, self.bias)
+        # the layers' weights are views of the fused matrix with their own version counters:
+        # an optimizer step on them is seen through theirs, not the matrix's
+        return linear(x, self.weight, self.bias, self.packed, tuple(version(lin.weight) for lin in self.linears))
 
 
 def _transpose_storage(param: nn.Parameter) -> None:

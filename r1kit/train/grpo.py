@@ -1131,4 +1131,5 @@ def evaluate_pass1(model, tokenizer, samples: list[dict], config: GRPOConfig, ve
     n = len(per_problem)
     mean = sum(per_problem) / max(1, n)
     stderr = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / (n - 1) / n) if n > 1 else float("nan")
-    return {"pass@1": sum(correct) / max(1, len(correct)), "pass@1_stderr": stderr}
+    # per_problem: to compare two models on the same problems by their paired differences
+    return {"pass@1": sum(correct) / max(1, len(correct)), "pass@1_stderr": stderr, "per_problem": per_problem}

@@ -1,0 +1,33 @@
+"""Has a weight changed? A fingerprint that also sees fused optimizers' updates.
+
+A tensor's `_version` counts in-place writes (`copy_`, `mul_`, a foreach optimizer step), but
+torch's fused AdamW (`_fused_adamw_`, what r1kit's trainers use) updates parameters without
+bumping it. So every optimizer step is also counted here, per parameter, by a global step hook;
+`version(t)` combines both. Whoever keeps something derived from weights (the engine's packed
+copies, a compiled step with frozen weights) compares versions to know when to rebuild it.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
+
+_STEPS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> optimizer steps that updated it
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            _STEPS[p] = _STEPS.get(p, 0) + 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def version(t: torch.Tensor) -> tuple[int, int]:
+    """(in-place writes, optimizer steps) of `t`; changes whenever its values may have."""
+    try:
+        writes = t._version
+    except RuntimeError:  # an inference tensor keeps no version; only inference code can write it
+        writes = -1
+    return writes, _STEPS.get(t, 0)
