@@ -108,8 +108,8 @@ class PackedWeight:
     """A weight (out, in), as F.linear takes it, packed for r1_gemm. The copy follows the weight:
     before each product it checks the weight is still the tensor, values and layout it packed
     (storage, `updates.version`, shape, strides) and packs again into the same buffer if not.
-    `version`: the caller's fingerprint of the values, for a weight that is a view of parameters
-    (a fused group) whose updates its own version does not see."""
+    `version_key`: the caller's fingerprint of the values instead, for a weight that is a view of
+    parameters (a fused group) whose updates its own version does not see."""
 
     def __init__(self):
         self.buffer: torch.Tensor | None = None
@@ -120,8 +120,9 @@ class PackedWeight:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training, or inside a graph
             return False
         rows = x.numel() // max(x.shape[-1], 1)
-        return ((MIN_ROWS <= rows or torch.get_num_threads() > 1) and rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32
-                and x.device.type == weight.device.type == "cpu" and library() is not None)
+        return ((MIN_ROWS <= rows or torch.get_num_threads() > 1) and rows <= MAX_ROWS
+                and x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+                and library() is not None)
 
     def _packed(self, weight: torch.Tensor, version_key=None) -> torch.Tensor:
         key = (weight.data_ptr(), version(weight) if version_key is None else version_key,
@@ -200,4 +201,3 @@ def detach(model: nn.Module) -> None:
         fused = getattr(module, "fused", None)
         if fused is not None:
             fused.packed = None
-

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from r1kit.allocator import keep_freed_memory
 from r1kit.model.transformer import Cache
 from r1kit.train.grpo_loss import (
     LOSS_TYPES,
@@ -650,6 +651,8 @@ def train_grpo(
         train_model = torch.compile(train_model, dynamic=True,
                                     backend="inductor" if config.compile is True else config.compile)
     device = next(model.parameters()).device
+    if device.type == "cpu":  # every step frees and retakes the same large buffers: keep them (allocator.py)
+        keep_freed_memory()
 
     G = config.num_generations
     local_completions = config.batch_size // world_size

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from r1kit import data as D
+from r1kit.allocator import keep_freed_memory
 from r1kit.checkpoint import atomic_write_text
 from r1kit.train import distributed as dist_
 from r1kit.train import trainer_state as ts
@@ -353,6 +354,8 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
         ts.check_same_model(resume, model.config)
         model.load_state_dict(load_model(resume).state_dict())
     model.to(info.device).train()
+    if torch.device(info.device).type == "cpu":  # every step frees and retakes the same buffers (allocator.py)
+        keep_freed_memory()
     model.gradient_checkpointing = config.gradient_checkpointing
     has_mtp = len(getattr(model, "mtp", [])) > 0
     mtp_weight = model.config.mtp_loss_weight
