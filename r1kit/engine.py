@@ -290,7 +290,7 @@ class Engine:
 
         `pack_weights` (eager steps on a CPU with AVX2): products over 2-64 rows (batched decoding,
         GRPO's groups, the server's continuous batch) run r1kit's own kernels on a packed copy of
-        the weights (model/cpu_kernels.py), 1.2-2.3x MKL's on one thread here, more on two. The copy
+        the weights (model/cpu_kernels.py), 1.2-2.5x MKL's on one thread here, more on two. The copy
         costs the linear weights' size again, allocated at the first such batch and refreshed when
         the weights change (15-20 ms per 25M parameters). None: on when those weights fit in cpu_kernels.AUTO_BYTES (1 GiB)."""
         self.num_threads = num_threads

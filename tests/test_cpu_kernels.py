@@ -195,3 +195,19 @@ def test_packed_copies_follow_optimizer_steps(preset, monkeypatch):
     assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
     for a, b in zip(ours, ref):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+def test_a_compiled_decode_step_has_no_graph_breaks_with_packed_copies_attached():
+    """An engine compiled after an eager one packed the same model: the kernels' checks (and the
+    version lookup, which Dynamo cannot trace) must stay out of the graph."""
+    torch._dynamo.reset()
+    cfg = ModelConfig(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True)
+    model = Transformer(cfg).eval()
+    prepare_for_decode(model)
+    cpu_kernels.attach(model)
+    cache = model.new_cache(2, 16)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(lambda ids, pos: model(ids, positions=pos, cache=cache, kv_len=16))(
+            torch.tensor([[1], [2]]), torch.tensor([[3], [3]]))
+    assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]

@@ -9,8 +9,8 @@ MKL's sgemm, which re-packs the weight into panels on every call; with 2-64 rows
 much of the cost. `cpu_kernels.c` keeps a packed copy of each weight (made once, remade only when the
 weights change, e.g. after a GRPO optimizer step) and streams it once per product. On this
 project's 2-core AVX2 CPU (bench/decode_gemm.py), the products of a decode step of the 25M model
-and of two R1-Distill-Qwen-1.5B-shaped layers: on one thread 1.2-2.3x MKL at 2-64 rows and
-0.9-1.0x at one row (which stays on MKL); on two threads 1.7-3.7x at 1-64 rows.
+and of two R1-Distill-Qwen-1.5B-shaped layers, two runs: on one thread 1.2-2.5x MKL at 2-64 rows
+and 0.8-1.2x at one row (which stays on MKL); on two threads 1.4-3.7x at 1-64 rows.
 
 The cost is memory: a packed copy of every linear weight, allocated on first use by a batch of 2
 or more rows. `Engine(pack_weights=...)` decides (by default, models whose linear weights fit in
@@ -43,7 +43,7 @@ from r1kit.model.updates import version
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 NR = 24  # columns per panel, as in cpu_kernels.c
 # where the packed product beats torch's (bench/decode_gemm.py): 2-64 rows; one row too with 2+ threads
-# (MKL's one-row kernel is as fast on one thread, 0.9-1.0x, but does not gain from a second: 1.5-1.7x)
+# (MKL's one-row kernel is about as fast on one thread, 0.8-1.2x, but gains nothing from a second: 1.5-1.7x)
 MIN_ROWS, MAX_ROWS = 2, 64
 AUTO_BYTES = 1 << 30  # pack_weights=None packs models whose linear weights (fp32) fit in 1 GiB
 

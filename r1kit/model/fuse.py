@@ -22,9 +22,9 @@ Saving is unaffected (hf.save writes contiguous copies); distributed wrappers ar
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from r1kit.model.cpu_kernels import linear
 from r1kit.model.updates import version
 
 
@@ -78,11 +78,11 @@ class Fused:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return linear(x, self.weight, self.bias)
-        # the layers' weights are views of the fused matrix with their own version counters:
-        # an optimizer step on them is seen through theirs, not the matrix's
-        return linear(x, self.weight, self.bias, self.packed, tuple(version(lin.weight) for lin in self.linears))
+        if self.packed is not None and self.packed.accepts(x, self.weight):
+            # the layers' weights are views of the fused matrix with their own version counters:
+            # an optimizer step on them is seen through theirs, not the matrix's
+            return self.packed(x, self.weight, self.bias, tuple(version(lin.weight) for lin in self.linears))
+        return F.linear(x, self.weight, self.bias)
 
 
 def _transpose_storage(param: nn.Parameter) -> None:
