@@ -30,6 +30,8 @@ For each size:
    step / that floor caps the speedup of an implementation that runs only those products with these
    kernels; the same arithmetic at the best GFLOP/s measured here (2048-row products of the model's
    shapes, or 1024^3) gives a second, looser cap.
+Both sides run in one process with r1kit's allocator setting (keep freed memory, r1kit/allocator.py):
+it is process-wide, and TRL's step gains from it too.
 r1kit runs twice: as configured by default, and with `compile=True` (the update's forward under
 torch.compile, dynamic shapes; the compile time lands in the first steps, so the total time of all
 steps is printed too). Generation stays eager in both: on this CPU, at 32 rows, the compiled decode
@@ -55,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import r1kit  # noqa: E402
+from r1kit.allocator import keep_freed_memory  # noqa: E402
 from r1kit.model import ModelConfig, Transformer, cpu_kernels  # noqa: E402
 from r1kit.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from r1kit.tokenizer import train_tokenizer  # noqa: E402
@@ -293,6 +296,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # r1kit's trainers keep freed memory in the process (r1kit/allocator.py); it is a process-wide
+    # setting, so set it here for both sides alike: TRL's step gains from it as well
+    keep_freed_memory()
     warnings.filterwarnings("ignore")
     budgets = dict(kv.split("=") for kv in args.pretrain_seconds.split(","))
     rates = dict(kv.split("=") for kv in args.learning_rate.split(","))
