@@ -270,7 +270,8 @@ def run_r1kit(folder: Path, train, args, compiled: bool = False) -> tuple[list[f
 
 def held_out_pass1(model, tok, held_out, args) -> tuple[float, float, list[float]]:
     cfg = grpo.GRPOConfig(template=TEMPLATE, max_completion_length=args.max_completion_length)
-    out = grpo.evaluate_pass1(model, tok, held_out, cfg, verify=lambda t, s: reward(t, s) >= 1.0, k=args.k)
+    out = grpo.evaluate_pass1(model, tok, held_out, cfg, verify=lambda t, s: reward(t, s) >= 1.0, k=args.k,
+                              per_problem=True)
     return out["pass@1"], out["pass@1_stderr"], out["per_problem"]
 
 

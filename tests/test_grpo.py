@@ -495,3 +495,7 @@ def test_pass1_reports_its_standard_error_over_problems(tok):
                          verify=lambda text, s: s["meta"]["flat"])
     assert out["pass@1"] == 0.5
     assert abs(out["pass@1_stderr"] - math.sqrt(1 / 12)) < 1e-12
+    assert "per_problem" not in out  # only when asked (it would fill every metrics record)
+    out = evaluate_pass1(dense_model(tok), tok, samples, quick_config(), k=3,
+                         verify=lambda text, s: s["meta"]["flat"], per_problem=True)
+    assert out["per_problem"] == [float(s["meta"]["flat"]) for s in samples]

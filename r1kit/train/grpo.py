@@ -1102,9 +1102,10 @@ def wrap_for_update(model, info, mode: str = "auto"):
 
 def evaluate_pass1(model, tokenizer, samples: list[dict], config: GRPOConfig, verify: Callable | None = None,
                    k: int | None = None, temperature: float = 0.6, top_p: float = 0.95, prompt_fn=None,
-                   seed: int = 1234) -> dict:
+                   seed: int = 1234, per_problem: bool = False) -> dict:
     """Held-out pass@1 as R1 reports it: mean correctness of k samples per problem at temperature 0.6,
-    top-p 0.95. verify(completion, sample) -> bool; default: r1kit.rewards' accuracy reward == 1."""
+    top-p 0.95. verify(completion, sample) -> bool; default: r1kit.rewards' accuracy reward == 1.
+    per_problem: also return each problem's pass@1, to compare two models on the same problems."""
     if verify is None:
         from r1kit.rewards import accuracy_reward
 
@@ -1128,11 +1129,13 @@ def evaluate_pass1(model, tokenizer, samples: list[dict], config: GRPOConfig, ve
                for g in gens]
     # the standard error over problems (each problem's mean over its k samples): how far pass@1 on
     # another draw of problems like these could move; small held-out sets make it large
-    per_problem = [0.0] * len(samples)
+    problems = [0.0] * len(samples)
     for g, ok in zip(gens, correct):
-        per_problem[g.prompt_index] += ok / k
-    n = len(per_problem)
-    mean = sum(per_problem) / max(1, n)
-    stderr = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / (n - 1) / n) if n > 1 else float("nan")
-    # per_problem: to compare two models on the same problems by their paired differences
-    return {"pass@1": sum(correct) / max(1, len(correct)), "pass@1_stderr": stderr, "per_problem": per_problem}
+        problems[g.prompt_index] += ok / k
+    n = len(problems)
+    mean = sum(problems) / max(1, n)
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in problems) / (n - 1) / n) if n > 1 else float("nan")
+    out = {"pass@1": sum(correct) / max(1, len(correct)), "pass@1_stderr": stderr}
+    if per_problem:
+        out["per_problem"] = problems
+    return out
