@@ -157,6 +157,27 @@ def test_absorbed_mla_equals_naive_and_caches_only_latent():
     assert cache.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim  # only c_kv and the rope key
 
 
+@pytest.mark.parametrize("T", [1, 5])  # a decode step, a prefill
+def test_absorbed_mla_attends_with_a_fused_kernel_not_the_math_fallback(T):
+    """Absorbed MLA attends with the whole latent as key and value (the value's rope columns are
+    dropped afterwards): one head size, so SDPA's CPU kernel is the fused one. With the c_kv part
+    alone as value it fell back to the math kernel, which made a tiny V3 model's decoding ~1.7x slower."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(3, 16)
+        pos = torch.arange(9).expand(3, 9)
+        model(ids[:, :9 - T], positions=pos[:, :9 - T], cache=cache)
+        with torch.profiler.profile() as prof:
+            step = model(ids[:, 9 - T:], positions=pos[:, 9 - T:], cache=cache)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "attention" in n)
+    assert (step - full[:, 9 - T:]).abs().max().item() < 1e-4
+
+
 def _dense_moe_reference(moe: MoE, x):
     """Every expert on every token, weighted by a dense gate matrix: the definition, slowly."""
     flat = x.reshape(-1, x.shape[-1])
