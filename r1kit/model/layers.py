@@ -133,7 +133,7 @@ class Rotary(nn.Module):
                 n = max(bound, 2 * table.shape[0] if table is not None else 0)
                 with torch.inference_mode(False):  # a plain tensor, usable by training after decoding
                     self.table = self._freqs(torch.arange(n, device=positions.device))
-            both = self.table[positions]
+            both = self.table.index_select(0, positions.reshape(-1)).view(*positions.shape, -1)
         cos, sin = both.to(dtype).unsqueeze(2).chunk(2, dim=-1)
         return cos, sin
 

@@ -140,7 +140,8 @@ class _PermuteRows(torch.autograd.Function):
 
     @staticmethod
     def forward(rows, index, inverse, k: int = 1):
-        return rows[index // k] if k > 1 else rows[index]
+        # index_select, not rows[...]: on a CPU advanced indexing is 4-5x slower for the same gather
+        return rows.index_select(0, index // k if k > 1 else index)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -150,7 +151,7 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        grad = grad[inverse]
+        grad = grad.index_select(0, inverse)
         if ctx.k > 1:
             grad = grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1)
         return grad, None, None, None
