@@ -196,8 +196,10 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk.to(q_nope.dtype))
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C + R)
-        # the value is the latent's c_kv part; passing the whole latent (its rope columns give output
-        # columns that are dropped) keeps one head size, so SDPA's CPU kernels take their fast paths
-        # (the fused kernel, and decoding's query-head folding) instead of the math fallback
-        out = attend(query, latent, latent, mask, self.scale, gqa=True)[..., : self.kv_lora_rank]  # (B, H, T, C)
+        # The value is the latent's c_kv part. On a CPU the whole latent goes in (its rope columns give
+        # output columns that are dropped): one head size, so SDPA takes its fused kernel (and decoding
+        # its query-head folding) instead of the math fallback, which cost a tiny V3 model over half its
+        # decode time. GPUs keep the exact value width (their kernel choice was measured with it).
+        value = latent if latent.device.type == "cpu" else latent[..., : self.kv_lora_rank]
+        out = attend(query, latent, value, mask, self.scale, gqa=True)[..., : self.kv_lora_rank]  # (B, H, T, C)
         return torch.einsum("bhtc,hvc->bthv", out, w_uv.to(out.dtype))
