@@ -73,8 +73,9 @@ def attend(q, k, v, mask, scale, gqa: bool) -> torch.Tensor:
         if T == 1 or q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   scale=scale, enable_gqa=True)
+        same = v is k  # MLA's latent serves as both on a CPU: expand it once
         k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+        v = k if same else v.repeat_interleave(rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
