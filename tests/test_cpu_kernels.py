@@ -211,3 +211,134 @@ def test_a_compiled_decode_step_has_no_graph_breaks_with_packed_copies_attached(
         explained = torch._dynamo.explain(lambda ids, pos: model(ids, positions=pos, cache=cache, kv_len=16))(
             torch.tensor([[1], [2]]), torch.tensor([[3], [3]]))
     assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]
+
+
+def _dense(model_type: str, **kw) -> Transformer:
+    torch.manual_seed(0)
+    kw = {"intermediate_size": 136, **kw}
+    cfg = ModelConfig(model_type=model_type, vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, **kw)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norms and biases: every term of the layer matters
+            p.normal_(0, 0.2)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "llama_untied"])
+@pytest.mark.parametrize("rows", [2, 5])
+def test_fused_dense_decode_layer_equals_the_torch_layer(family, rows, monkeypatch):
+    """r1_dense_decode_layer: a whole dense block for one new token per row in C. Same output and
+    same cache writes as the block's torch code, rows at different positions."""
+    kw = {"qwen2": dict(tie_word_embeddings=True), "llama_o_bias": dict(attention_bias=True),
+          "llama_untied": dict(tie_word_embeddings=False)}[family]
+    model = _dense("qwen2" if family == "qwen2" else "llama", **kw)
+    Engine(model)  # fuses q|k|v and gate|up, packs the weights
+    torch.manual_seed(1)
+    S = 24
+    positions = torch.tensor([[3 + 4 * i] for i in range(rows)])
+    caches = [model.new_cache(rows, S) for _ in range(2)]
+    for layer in caches[0].layers:  # earlier tokens in the cache: random keys and values
+        for t in layer:
+            t.normal_()
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        for x, y in zip(a, b):
+            y.copy_(x)
+    from r1kit.model.attention import cache_slots
+
+    x = torch.randn(rows, 1, 64)
+    slots = cache_slots(positions, S)
+    block = model.model.layers[1]
+    kv_len = int(positions.max()) + 1
+    with torch.inference_mode():
+        cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=S)
+        visible = (torch.arange(kv_len) <= positions.unsqueeze(-1)).unsqueeze(1)  # (rows, 1, 1, kv_len)
+        mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+        fused = cpu_kernels.dense_decode_layer(block, x, cos, sin, caches[0].layers[1], slots, kv_len)
+        assert fused is not None
+        monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
+        ref = block(x, model.rotary, cos, sin, mask, caches[1].layers[1], slots, kv_len)
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+    for ours, theirs in zip(caches[0].layers[1], caches[1].layers[1]):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+@needs_kernels
+def test_fused_dense_decode_layer_runs_only_where_it_applies():
+    model = _dense("qwen2")
+    Engine(model)
+    block = model.model.layers[0]
+    cache = model.new_cache(3, 16)
+    positions = torch.tensor([[2], [5], [0]])
+    from r1kit.model.attention import cache_slots
+
+    slots = cache_slots(positions, 16)
+    x = torch.randn(3, 1, 64)
+    cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=16)
+    args = (cos, sin, cache.layers[0], slots, 6)
+    assert cpu_kernels.dense_decode_layer(block, x, *args) is None  # gradients on: training stays on torch
+    with torch.inference_mode():
+        assert cpu_kernels.dense_decode_layer(block, x.double(), *args) is None  # not float32
+        assert cpu_kernels.dense_decode_layer(block, torch.randn(3, 2, 64), *args) is None  # two new tokens: a prefill
+        assert cpu_kernels.dense_decode_layer(block, torch.randn(65, 1, 64), *args) is None  # past the packed rows
+        assert cpu_kernels.dense_decode_layer(block, x, *args) is not None
+    odd = _dense("qwen2", intermediate_size=100)  # not a multiple of the kernel's 8 floats
+    Engine(odd)
+    with torch.inference_mode():
+        assert cpu_kernels.dense_decode_layer(odd.model.layers[0], x, *args) is None
+
+
+@needs_kernels
+def test_fused_dense_decode_layer_refuses_a_slot_outside_its_row():
+    """A position past the cache's end would write into the next row's slots: refused, nothing written."""
+    model = _dense("qwen2")
+    Engine(model)
+    cache = model.new_cache(2, 8)
+    x = torch.randn(2, 1, 64)
+    positions = torch.tensor([[3], [8]])
+    cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=16)
+    slots = torch.tensor([3, 8 + 8])  # flat: row 0 position 3, row 1 position 8 of its 8 slots
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside their rows"):
+        cpu_kernels.dense_decode_layer(model.model.layers[0], x, cos, sin, cache.layers[0], slots, 9)
+    assert all(t.abs().sum() == 0 for t in cache.layers[0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_decoding_with_the_fused_layer_agrees_and_follows_optimizer_steps(family, monkeypatch):
+    """The engine decodes dense models through the fused layer; tokens and log-probabilities equal
+    the torch path's, before and after an optimizer step (GRPO's loop)."""
+    model = _dense(family, **({"attention_bias": True} if family == "llama" else {}))
+    engine = Engine(model, max_batch_size=8)
+    params = SamplingParams(n=3, max_tokens=10, temperature=0)
+    lib, calls = cpu_kernels.library(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if name != "r1_dense_decode_layer":
+                return fn
+
+            def layer(*args):
+                calls.append(args[1])
+                return fn(*args)
+            return layer
+
+    for step in range(2):
+        if step:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+            model.train()
+            model.loss(torch.randint(0, 300, (4, 12)))["loss"].backward()
+            opt.step()
+            model.eval()
+        monkeypatch.setattr(cpu_kernels, "_LIB", Spy())
+        calls.clear()
+        ours = engine.generate([[1, 2, 3], [4, 5]], params)
+        assert calls and set(calls) <= {6, 3, 2}  # every decode step of both layers, on the live rows
+        monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
+        ref = engine.generate([[1, 2, 3], [4, 5]], params)
+        monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)
+        assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)

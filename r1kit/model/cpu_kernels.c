@@ -10,7 +10,9 @@
  * registers while k runs over the panel; the panel (48-144 KB) stays in L2 for the next 4 rows.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NR 24 /* columns per panel: three 8-float AVX2 registers */
@@ -118,3 +120,231 @@ void r1_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const float *pac
     }
 }
 
+
+/* ------------------------------------------------------------------------------------------------
+ * One decoder layer of a dense model (Qwen2, Llama) for one new token per row, in one call.
+ *
+ * Why: at the sizes r1kit trains on a CPU (hidden 256-512, 4-8 layers) a batched decode step
+ * spends as long in torch's dispatch of its ~50 small ops per layer (norms, rotary, cache writes,
+ * attention over a short cache, SiLU, residuals) as in its matrix products. Here the layer is
+ * the products above (r1_gemm on packed weights) and plain loops between them: the same
+ * arithmetic as the model's torch code (model/layers.py, model/attention.py), in the same order.
+ * ------------------------------------------------------------------------------------------------ */
+
+/* exp of 8 floats, for x <= 0 (softmax after subtracting the max, SiLU's exp(-|x|)): Cephes'
+ * expf polynomial; below -87.3 (exp underflows float) the result is exactly 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127));
+    return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23))));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y (M x N) = x * rsqrt(mean(x^2) + eps) * w, as F.rms_norm. N is a multiple of 8. */
+static void rms_norm_rows(const float *x, int64_t M, int64_t N, const float *w, float eps, float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * N;
+        float *yr = y + m * N;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t n = 0; n < N; n += 8) {
+            __m256 t = _mm256_loadu_ps(xr + n);
+            a = _mm256_fmadd_ps(t, t, a);
+        }
+        __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(a) / (float)N + eps));
+        for (int64_t n = 0; n < N; n += 8)
+            _mm256_storeu_ps(yr + n, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + n), r), _mm256_loadu_ps(w + n)));
+    }
+}
+
+/* y (M x N) = silu(g) * u, where each row of x (M x 2N) is g | u. N is a multiple of 8. */
+static void silu_mul_rows(const float *x, int64_t M, int64_t N, float *y) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = x + m * 2 * N, *u = g + N;
+        float *yr = y + m * N;
+        for (int64_t n = 0; n < N; n += 8) {
+            __m256 gv = _mm256_loadu_ps(g + n);
+            __m256 e = exp8(_mm256_or_ps(gv, sign)); /* exp(-|g|): never overflows */
+            /* sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) for g < 0 */
+            __m256 num = _mm256_blendv_ps(one, e, _mm256_cmp_ps(gv, zero, _CMP_LT_OQ));
+            __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(yr + n, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + n)));
+        }
+    }
+}
+
+/* Rotate one head (D numbers) by the rotary angles of its row: the halves x1 | x2 become
+ * x1 cos - x2 sin | x2 cos + x1 sin (layers.Rotary.apply, non-interleaved). */
+static inline void rotate_half(float *x, const float *cos, const float *sin, int64_t D) {
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+#define KB 64 /* keys per block: a block of K or V stays in L1 while all query heads of its KV head use it */
+
+/* Attention of one query token per row over that row's cache slots 0..len[m]-1. q (M, H*D), the
+ * rows' query heads; k/v caches (M, S, Hkv, D) contiguous; out (M, H*D). Query head h reads KV
+ * head h / (H / Hkv); each KV head's keys and values are read once for all its query heads. */
+static void decode_attention(const float *q, const int64_t ldq, const float *kc, const float *vc, int64_t S,
+                             const int64_t *len, int64_t M, int64_t H, int64_t Hkv, int64_t D, float scale,
+                             float *out, int nt) {
+    int64_t rep = H / Hkv, longest = 0;
+    for (int64_t m = 0; m < M; m++) longest = len[m] > longest ? len[m] : longest;
+    int64_t L8 = (longest + 7) / 8 * 8;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *sc = (float *)aligned_alloc(32, (size_t)(rep * L8 + 8) * sizeof(float));
+        float *acc = (float *)aligned_alloc(32, (size_t)(rep * D + 8) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t mg = 0; mg < M * Hkv; mg++) {
+            int64_t m = mg / Hkv, g = mg % Hkv, n = len[m], n8 = (n + 7) / 8 * 8;
+            const float *kb = kc + (m * S * Hkv + g) * D, *vb = vc + (m * S * Hkv + g) * D;
+            int64_t ks = Hkv * D; /* from one slot to the next */
+            for (int64_t j0 = 0; j0 < n; j0 += KB) {
+                int64_t j1 = j0 + KB < n ? j0 + KB : n;
+                for (int64_t r = 0; r < rep; r++) {
+                    const float *qp = q + m * ldq + (g * rep + r) * D;
+                    float *s = sc + r * L8;
+                    int64_t j = j0;
+                    for (; j + 4 <= j1; j += 4) { /* four keys at once: four independent FMA chains */
+                        const float *k0 = kb + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+                        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                        for (int64_t d = 0; d < D; d += 8) {
+                            __m256 qd = _mm256_loadu_ps(qp + d);
+                            a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
+                            a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k1 + d), a1);
+                            a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k2 + d), a2);
+                            a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k3 + d), a3);
+                        }
+                        s[j] = hsum(a0) * scale;
+                        s[j + 1] = hsum(a1) * scale;
+                        s[j + 2] = hsum(a2) * scale;
+                        s[j + 3] = hsum(a3) * scale;
+                    }
+                    for (; j < j1; j++) {
+                        const float *kp = kb + j * ks;
+                        __m256 a = _mm256_setzero_ps();
+                        for (int64_t d = 0; d < D; d += 8)
+                            a = _mm256_fmadd_ps(_mm256_loadu_ps(qp + d), _mm256_loadu_ps(kp + d), a);
+                        s[j] = hsum(a) * scale;
+                    }
+                }
+            }
+            for (int64_t r = 0; r < rep; r++) { /* softmax of each query head's scores */
+                float *s = sc + r * L8, mx = -INFINITY;
+                for (int64_t j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+                for (int64_t j = n; j < n8; j++) s[j] = -INFINITY;
+                __m256 vm = _mm256_set1_ps(mx), tot = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n8; j += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), vm));
+                    _mm256_store_ps(s + j, e);
+                    tot = _mm256_add_ps(tot, e);
+                }
+                float inv = 1.0f / hsum(tot);
+                for (int64_t j = 0; j < n; j++) s[j] *= inv;
+            }
+            memset(acc, 0, (size_t)(rep * D) * sizeof(float));
+            for (int64_t j0 = 0; j0 < n; j0 += KB) { /* out = P V, 8 accumulators (64 numbers) at a time */
+                int64_t j1 = j0 + KB < n ? j0 + KB : n;
+                for (int64_t r = 0; r < rep; r++) {
+                    const float *s = sc + r * L8;
+                    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                        int nd = D - d0 < 64 ? (int)((D - d0) / 8) : 8;
+                        float *ap = acc + r * D + d0;
+                        __m256 a[8];
+                        for (int c = 0; c < nd; c++) a[c] = _mm256_loadu_ps(ap + 8 * c);
+                        for (int64_t j = j0; j < j1; j++) {
+                            __m256 p = _mm256_set1_ps(s[j]);
+                            const float *vp = vb + j * ks + d0;
+                            for (int c = 0; c < nd; c++) a[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8 * c), a[c]);
+                        }
+                        for (int c = 0; c < nd; c++) _mm256_storeu_ps(ap + 8 * c, a[c]);
+                    }
+                }
+            }
+            memcpy(out + m * H * D + g * rep * D, acc, (size_t)(rep * D) * sizeof(float));
+        }
+        free(sc);
+        free(acc);
+    }
+}
+
+/* h (M x Hd), the residual stream of M rows with one new token each, becomes the layer's output:
+ *   x = h + o(attention(rope(q), cache + rope(k), cache + v)),   q|k|v = qkv(rms_norm(h) * ln1)
+ *   h = x + down(silu(gate) * up),                                gate|up = gate_up(rms_norm(x) * ln2)
+ * Row m's new key and value go to cache slot slots[m] (flat: m * S + position) and it attends to
+ * slots 0..min(position + 1, kv_len) - 1 of its row. cos/sin (M x D/2): the rows' rotary angles.
+ * Packed weights and biases (NULL: none) as r1_gemm takes them. Returns 0, or 1 (nothing written)
+ * when a slot lies outside its row. Hd, D and I are multiples of 8 (checked by the caller). */
+int r1_dense_decode_layer(float *h, int64_t M, int64_t Hd, const float *ln1, const float *ln2, float eps,
+                          const float *qkv_w, const float *qkv_b, const float *o_w, const float *o_b,
+                          const float *gu_w, const float *down_w, int64_t I,
+                          int64_t H, int64_t Hkv, int64_t D, const float *cos, const float *sin,
+                          float *k_cache, float *v_cache, int64_t S, const int64_t *slots, int64_t kv_len,
+                          float scale, int nt) {
+    int64_t Nq = H * D, Nkv = Hkv * D, Nqkv = Nq + 2 * Nkv, half = D / 2;
+    int64_t *len = (int64_t *)malloc((size_t)M * sizeof(int64_t));
+    for (int64_t m = 0; m < M; m++) {
+        int64_t pos = slots[m] - m * S;
+        if (pos < 0 || pos >= S) {
+            free(len);
+            return 1;
+        }
+        len[m] = pos + 1 < kv_len ? pos + 1 : kv_len;
+    }
+    int64_t big = Nqkv > 2 * I ? Nqkv : 2 * I;
+    float *xn = (float *)aligned_alloc(32, (size_t)(M * Hd) * sizeof(float));
+    float *buf = (float *)aligned_alloc(32, (size_t)(M * big) * sizeof(float));
+    float *mid = (float *)aligned_alloc(32, (size_t)(M * (Nq > I ? Nq : I)) * sizeof(float));
+
+    /* attention */
+    rms_norm_rows(h, M, Hd, ln1, eps, xn);
+    r1_gemm(xn, M, Hd, Hd, qkv_w, Nqkv, qkv_b, buf, Nqkv, nt);
+    for (int64_t m = 0; m < M; m++) {
+        float *row = buf + m * Nqkv;
+        const float *c = cos + m * half, *s = sin + m * half;
+        for (int64_t hh = 0; hh < H + Hkv; hh++) /* q heads, then k heads */
+            rotate_half(row + hh * D, c, s, D);
+        memcpy(k_cache + slots[m] * Nkv, row + Nq, (size_t)Nkv * sizeof(float));
+        memcpy(v_cache + slots[m] * Nkv, row + Nq + Nkv, (size_t)Nkv * sizeof(float));
+    }
+    decode_attention(buf, Nqkv, k_cache, v_cache, S, len, M, H, Hkv, D, scale, mid, nt);
+    r1_gemm(mid, M, Nq, Nq, o_w, Hd, o_b, xn, Hd, nt);
+    for (int64_t i = 0; i < M * Hd; i++) h[i] += xn[i];
+
+    /* feed-forward */
+    rms_norm_rows(h, M, Hd, ln2, eps, xn);
+    r1_gemm(xn, M, Hd, Hd, gu_w, 2 * I, NULL, buf, 2 * I, nt);
+    silu_mul_rows(buf, M, I, mid);
+    r1_gemm(mid, M, I, I, down_w, Hd, NULL, xn, Hd, nt);
+    for (int64_t i = 0; i < M * Hd; i++) h[i] += xn[i];
+
+    free(xn);
+    free(buf);
+    free(mid);
+    free(len);
+    return 0;
+}
