@@ -227,7 +227,7 @@ def _dense(model_type: str, **kw) -> Transformer:
 
 @needs_kernels
 @pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "llama_untied"])
-@pytest.mark.parametrize("rows", [2, 5])
+@pytest.mark.parametrize("rows", [1, 2, 5])
 def test_fused_dense_decode_layer_equals_the_torch_layer(family, rows, monkeypatch):
     """r1_dense_decode_layer: a whole dense block for one new token per row in C. Same output and
     same cache writes as the block's torch code, rows at different positions."""
