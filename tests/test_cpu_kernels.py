@@ -215,9 +215,12 @@ def test_a_compiled_decode_step_has_no_graph_breaks_with_packed_copies_attached(
 
 def _dense(model_type: str, **kw) -> Transformer:
     torch.manual_seed(0)
-    kw = {"intermediate_size": 136, **kw}
-    cfg = ModelConfig(model_type=model_type, vocab_size=300, hidden_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, **kw)
+    if model_type == "deepseek_v3":  # MLA + a dense first layer + MoE layers
+        cfg = ModelConfig.preset("tiny", vocab_size=300, **kw)
+    else:
+        kw = {"intermediate_size": 136, **kw}
+        cfg = ModelConfig(model_type=model_type, vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, **kw)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():  # non-trivial norms and biases: every term of the layer matters
@@ -225,47 +228,54 @@ def _dense(model_type: str, **kw) -> Transformer:
     return model
 
 
+FAMILIES = {"qwen2": ("qwen2", dict(tie_word_embeddings=True)), "llama_o_bias": ("llama", dict(attention_bias=True)),
+            "llama_untied": ("llama", dict(tie_word_embeddings=False)),
+            "deepseek": ("deepseek_v3", {}), "deepseek_no_q_lora": ("deepseek_v3", dict(q_lora_rank=None)),
+            "deepseek_bias_halves_rope": ("deepseek_v3", dict(attention_bias=True, rope_interleave=False))}
+
+
 @needs_kernels
-@pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "llama_untied"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_fused_dense_decode_layer_equals_the_torch_layer(family, rows, monkeypatch):
-    """r1_dense_decode_layer: a whole dense block for one new token per row in C. Same output and
-    same cache writes as the block's torch code, rows at different positions."""
-    kw = {"qwen2": dict(tie_word_embeddings=True), "llama_o_bias": dict(attention_bias=True),
-          "llama_untied": dict(tie_word_embeddings=False)}[family]
-    model = _dense("qwen2" if family == "qwen2" else "llama", **kw)
-    Engine(model)  # fuses q|k|v and gate|up, packs the weights
+def test_fused_decode_block_equals_the_torch_block(family, rows, monkeypatch):
+    """cpu_kernels.decode_block: a block for one new token per row in C (dense: the whole block;
+    DeepSeek: MLA absorbed, then the dense MLP in C or the MoE in torch). Same output and same cache
+    writes as the block's torch code, rows at different positions, for every layer kind."""
+    model_type, kw = FAMILIES[family]
+    model = _dense(model_type, **kw)
+    Engine(model)  # fuses q|k|v (q_a|kv_a) and gate|up, packs the weights
     torch.manual_seed(1)
     S = 24
     positions = torch.tensor([[3 + 4 * i] for i in range(rows)])
-    caches = [model.new_cache(rows, S) for _ in range(2)]
-    for layer in caches[0].layers:  # earlier tokens in the cache: random keys and values
-        for t in layer:
-            t.normal_()
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        for x, y in zip(a, b):
-            y.copy_(x)
     from r1kit.model.attention import cache_slots
 
-    x = torch.randn(rows, 1, 64)
+    hidden = model.config.hidden_size
     slots = cache_slots(positions, S)
-    block = model.model.layers[1]
     kv_len = int(positions.max()) + 1
-    with torch.inference_mode():
-        cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=S)
-        visible = (torch.arange(kv_len) <= positions.unsqueeze(-1)).unsqueeze(1)  # (rows, 1, 1, kv_len)
-        mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-        fused = cpu_kernels.dense_decode_layer(block, x, cos, sin, caches[0].layers[1], slots, kv_len)
-        assert fused is not None
-        monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
-        ref = block(x, model.rotary, cos, sin, mask, caches[1].layers[1], slots, kv_len)
-    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
-    for ours, theirs in zip(caches[0].layers[1], caches[1].layers[1]):
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    for i, block in enumerate(model.model.layers):
+        caches = [model.new_cache(rows, S) for _ in range(2)]
+        for a, b in zip(caches[0].layers, caches[1].layers):  # earlier tokens in the cache: random
+            for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                x.normal_()
+                y.copy_(x)
+        x = torch.randn(rows, 1, hidden)
+        with torch.inference_mode():
+            cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=S)
+            visible = (torch.arange(kv_len) <= positions.unsqueeze(-1)).unsqueeze(1)  # (rows, 1, 1, kv_len)
+            mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+            fused = cpu_kernels.decode_block(block, x, model.rotary, cos, sin, caches[0].layers[i], slots, kv_len)
+            assert fused is not None, f"layer {i} fell back to torch"
+            monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
+            ref = block(x, model.rotary, cos, sin, mask, caches[1].layers[i], slots, kv_len)
+            monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)
+        torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+        ours, theirs = caches[0].layers[i], caches[1].layers[i]
+        for a, b in zip(ours if isinstance(ours, tuple) else (ours,), theirs if isinstance(theirs, tuple) else (theirs,)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 @needs_kernels
-def test_fused_dense_decode_layer_runs_only_where_it_applies():
+def test_fused_decode_block_runs_only_where_it_applies():
     model = _dense("qwen2")
     Engine(model)
     block = model.model.layers[0]
@@ -277,39 +287,43 @@ def test_fused_dense_decode_layer_runs_only_where_it_applies():
     x = torch.randn(3, 1, 64)
     cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=16)
     args = (cos, sin, cache.layers[0], slots, 6)
-    assert cpu_kernels.dense_decode_layer(block, x, *args) is None  # gradients on: training stays on torch
+    assert cpu_kernels.decode_block(block, x, model.rotary, *args) is None  # gradients on: training stays on torch
     with torch.inference_mode():
-        assert cpu_kernels.dense_decode_layer(block, x.double(), *args) is None  # not float32
-        assert cpu_kernels.dense_decode_layer(block, torch.randn(3, 2, 64), *args) is None  # two new tokens: a prefill
-        assert cpu_kernels.dense_decode_layer(block, torch.randn(65, 1, 64), *args) is None  # past the packed rows
-        assert cpu_kernels.dense_decode_layer(block, x, *args) is not None
+        assert cpu_kernels.decode_block(block, x.double(), model.rotary, *args) is None  # not float32
+        assert cpu_kernels.decode_block(block, torch.randn(3, 2, 64), model.rotary, *args) is None  # two new tokens: a prefill
+        assert cpu_kernels.decode_block(block, torch.randn(65, 1, 64), model.rotary, *args) is None  # past the packed rows
+        assert cpu_kernels.decode_block(block, x, model.rotary, *args) is not None
     odd = _dense("qwen2", intermediate_size=100)  # not a multiple of the kernel's 8 floats
     Engine(odd)
     with torch.inference_mode():
-        assert cpu_kernels.dense_decode_layer(odd.model.layers[0], x, *args) is None
+        assert cpu_kernels.decode_block(odd.model.layers[0], x, odd.rotary, *args) is None
 
 
 @needs_kernels
-def test_fused_dense_decode_layer_refuses_a_slot_outside_its_row():
+@pytest.mark.parametrize("family", ["qwen2", "deepseek"])
+def test_fused_decode_block_refuses_a_slot_outside_its_row(family):
     """A position past the cache's end would write into the next row's slots: refused, nothing written."""
-    model = _dense("qwen2")
+    model_type, kw = FAMILIES[family]
+    model = _dense(model_type, **kw)
     Engine(model)
     cache = model.new_cache(2, 8)
-    x = torch.randn(2, 1, 64)
+    x = torch.randn(2, 1, model.config.hidden_size)
     positions = torch.tensor([[3], [8]])
     cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=16)
     slots = torch.tensor([3, 8 + 8])  # flat: row 0 position 3, row 1 position 8 of its 8 slots
     with torch.inference_mode(), pytest.raises(ValueError, match="outside their rows"):
-        cpu_kernels.dense_decode_layer(model.model.layers[0], x, cos, sin, cache.layers[0], slots, 9)
-    assert all(t.abs().sum() == 0 for t in cache.layers[0])
+        cpu_kernels.decode_block(model.model.layers[0], x, model.rotary, cos, sin, cache.layers[0], slots, 9)
+    layer = cache.layers[0]
+    assert all(t.abs().sum() == 0 for t in (layer if isinstance(layer, tuple) else (layer,)))
 
 
 @needs_kernels
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_decoding_with_the_fused_layer_agrees_and_follows_optimizer_steps(family, monkeypatch):
-    """The engine decodes dense models through the fused layer; tokens and log-probabilities equal
-    the torch path's, before and after an optimizer step (GRPO's loop)."""
-    model = _dense(family, **({"attention_bias": True} if family == "llama" else {}))
+@pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "deepseek"])
+def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, monkeypatch):
+    """The engine decodes through the C blocks; tokens and log-probabilities equal the torch path's,
+    before and after an optimizer step (GRPO's loop)."""
+    model_type, kw = FAMILIES[family]
+    model = _dense(model_type, **kw)
     engine = Engine(model, max_batch_size=8)
     params = SamplingParams(n=3, max_tokens=10, temperature=0)
     lib, calls = cpu_kernels.library(), []
@@ -317,7 +331,7 @@ def test_decoding_with_the_fused_layer_agrees_and_follows_optimizer_steps(family
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            if name != "r1_dense_decode_layer":
+            if name not in ("r1_dense_decode_layer", "r1_mla_decode_attention"):
                 return fn
 
             def layer(*args):
@@ -335,7 +349,7 @@ def test_decoding_with_the_fused_layer_agrees_and_follows_optimizer_steps(family
         monkeypatch.setattr(cpu_kernels, "_LIB", Spy())
         calls.clear()
         ours = engine.generate([[1, 2, 3], [4, 5]], params)
-        assert calls and set(calls) <= {6, 3, 2}  # every decode step of both layers, on the live rows
+        assert calls and set(calls) <= {6, 3, 2}  # every decode step of every layer, on the live rows
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
         ref = engine.generate([[1, 2, 3], [4, 5]], params)
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)

@@ -152,6 +152,11 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23))));
 }
 
+/* n floats, 32-byte aligned (rounded up to whole AVX2 vectors, as aligned_alloc wants) */
+static inline float *falloc(int64_t n) {
+    return (float *)aligned_alloc(32, (size_t)((n + 7) / 8 * 8) * sizeof(float));
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -192,12 +197,23 @@ static void silu_mul_rows(const float *x, int64_t M, int64_t N, float *y) {
     }
 }
 
-/* Rotate one head (D numbers) by the rotary angles of its row: the halves x1 | x2 become
- * x1 cos - x2 sin | x2 cos + x1 sin (layers.Rotary.apply, non-interleaved). */
-static inline void rotate_half(float *x, const float *cos, const float *sin, int64_t D) {
+/* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
+ * halves x1 | x2 become x1 cos - x2 sin | x2 cos + x1 sin. Interleaved (DeepSeek's layout): the
+ * pairs (x0, x1), (x2, x3), ... are x1, x2, and the result is written de-interleaved, evens then odds. */
+static inline void rotate(float *x, const float *cos, const float *sin, int64_t D, int interleave) {
     int64_t half = D / 2;
+    if (!interleave) {
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = x[i], x2 = x[i + half];
+            x[i] = x1 * cos[i] - x2 * sin[i];
+            x[i + half] = x2 * cos[i] + x1 * sin[i];
+        }
+        return;
+    }
+    float tmp[512]; /* D <= 512: checked by the caller */
+    memcpy(tmp, x, (size_t)D * sizeof(float));
     for (int64_t i = 0; i < half; i++) {
-        float x1 = x[i], x2 = x[i + half];
+        float x1 = tmp[2 * i], x2 = tmp[2 * i + 1];
         x[i] = x1 * cos[i] - x2 * sin[i];
         x[i + half] = x2 * cos[i] + x1 * sin[i];
     }
@@ -216,8 +232,8 @@ static void decode_attention(const float *q, const int64_t ldq, const float *kc,
     int64_t L8 = (longest + 7) / 8 * 8;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        float *sc = (float *)aligned_alloc(32, (size_t)(rep * L8 + 8) * sizeof(float));
-        float *acc = (float *)aligned_alloc(32, (size_t)(rep * D + 8) * sizeof(float));
+        float *sc = falloc(rep * L8 + 8);
+        float *acc = falloc(rep * D + 8);
 #pragma omp for schedule(static)
         for (int64_t mg = 0; mg < M * Hkv; mg++) {
             int64_t m = mg / Hkv, g = mg % Hkv, n = len[m], n8 = (n + 7) / 8 * 8;
@@ -292,6 +308,34 @@ static void decode_attention(const float *q, const int64_t ldq, const float *kc,
     }
 }
 
+/* Each row's slot lies inside its row of a cache of S slots; len[m] = slots attended (<= kv_len).
+ * Returns 0, or 1 when a slot is out of bounds (the caller writes nothing then). */
+static int row_lengths(const int64_t *slots, int64_t M, int64_t S, int64_t kv_len, int64_t *len) {
+    for (int64_t m = 0; m < M; m++) {
+        int64_t pos = slots[m] - m * S;
+        if (pos < 0 || pos >= S)
+            return 1;
+        len[m] = pos + 1 < kv_len ? pos + 1 : kv_len;
+    }
+    return 0;
+}
+
+/* The feed-forward half of a block, in place: h += down(silu(gate) * up), gate|up = gate_up(rms_norm(h) * ln). */
+void r1_swiglu_block(float *h, int64_t M, int64_t Hd, const float *ln, float eps, const float *gu_w,
+                     const float *down_w, int64_t I, int nt) {
+    float *xn = falloc(M * Hd);
+    float *gu = falloc(M * 2 * I);
+    float *act = falloc(M * I);
+    rms_norm_rows(h, M, Hd, ln, eps, xn);
+    r1_gemm(xn, M, Hd, Hd, gu_w, 2 * I, NULL, gu, 2 * I, nt);
+    silu_mul_rows(gu, M, I, act);
+    r1_gemm(act, M, I, I, down_w, Hd, NULL, xn, Hd, nt);
+    for (int64_t i = 0; i < M * Hd; i++) h[i] += xn[i];
+    free(xn);
+    free(gu);
+    free(act);
+}
+
 /* h (M x Hd), the residual stream of M rows with one new token each, becomes the layer's output:
  *   x = h + o(attention(rope(q), cache + rope(k), cache + v)),   q|k|v = qkv(rms_norm(h) * ln1)
  *   h = x + down(silu(gate) * up),                                gate|up = gate_up(rms_norm(x) * ln2)
@@ -307,44 +351,119 @@ int r1_dense_decode_layer(float *h, int64_t M, int64_t Hd, const float *ln1, con
                           float scale, int nt) {
     int64_t Nq = H * D, Nkv = Hkv * D, Nqkv = Nq + 2 * Nkv, half = D / 2;
     int64_t *len = (int64_t *)malloc((size_t)M * sizeof(int64_t));
-    for (int64_t m = 0; m < M; m++) {
-        int64_t pos = slots[m] - m * S;
-        if (pos < 0 || pos >= S) {
-            free(len);
-            return 1;
-        }
-        len[m] = pos + 1 < kv_len ? pos + 1 : kv_len;
+    if (row_lengths(slots, M, S, kv_len, len)) {
+        free(len);
+        return 1;
     }
-    int64_t big = Nqkv > 2 * I ? Nqkv : 2 * I;
-    float *xn = (float *)aligned_alloc(32, (size_t)(M * Hd) * sizeof(float));
-    float *buf = (float *)aligned_alloc(32, (size_t)(M * big) * sizeof(float));
-    float *mid = (float *)aligned_alloc(32, (size_t)(M * (Nq > I ? Nq : I)) * sizeof(float));
-
-    /* attention */
+    float *xn = falloc(M * Hd);
+    float *qkv = falloc(M * Nqkv);
+    float *att = falloc(M * Nq);
     rms_norm_rows(h, M, Hd, ln1, eps, xn);
-    r1_gemm(xn, M, Hd, Hd, qkv_w, Nqkv, qkv_b, buf, Nqkv, nt);
+    r1_gemm(xn, M, Hd, Hd, qkv_w, Nqkv, qkv_b, qkv, Nqkv, nt);
     for (int64_t m = 0; m < M; m++) {
-        float *row = buf + m * Nqkv;
+        float *row = qkv + m * Nqkv;
         const float *c = cos + m * half, *s = sin + m * half;
         for (int64_t hh = 0; hh < H + Hkv; hh++) /* q heads, then k heads */
-            rotate_half(row + hh * D, c, s, D);
+            rotate(row + hh * D, c, s, D, 0);
         memcpy(k_cache + slots[m] * Nkv, row + Nq, (size_t)Nkv * sizeof(float));
         memcpy(v_cache + slots[m] * Nkv, row + Nq + Nkv, (size_t)Nkv * sizeof(float));
     }
-    decode_attention(buf, Nqkv, k_cache, v_cache, S, len, M, H, Hkv, D, scale, mid, nt);
-    r1_gemm(mid, M, Nq, Nq, o_w, Hd, o_b, xn, Hd, nt);
+    decode_attention(qkv, Nqkv, k_cache, v_cache, S, len, M, H, Hkv, D, scale, att, nt);
+    r1_gemm(att, M, Nq, Nq, o_w, Hd, o_b, xn, Hd, nt);
     for (int64_t i = 0; i < M * Hd; i++) h[i] += xn[i];
-
-    /* feed-forward */
-    rms_norm_rows(h, M, Hd, ln2, eps, xn);
-    r1_gemm(xn, M, Hd, Hd, gu_w, 2 * I, NULL, buf, 2 * I, nt);
-    silu_mul_rows(buf, M, I, mid);
-    r1_gemm(mid, M, I, I, down_w, Hd, NULL, xn, Hd, nt);
-    for (int64_t i = 0; i < M * Hd; i++) h[i] += xn[i];
-
     free(xn);
-    free(buf);
-    free(mid);
+    free(qkv);
+    free(att);
+    free(len);
+    r1_swiglu_block(h, M, Hd, ln2, eps, gu_w, down_w, I, nt);
+    return 0;
+}
+
+/* The attention half of a DeepSeek block (Multi-head Latent Attention, absorbed), in place:
+ *   h += o(mla(rms_norm(h) * ln))
+ * as attention.MLAttention with a cache: q = q_b(rms_norm(q_a(x)) * q_ln) (or q(x) when q_b_w is
+ * NULL), [c_kv | k_rope] = kv_a(x) with c_kv normed and k_rope rotated, both cached (C + R per slot);
+ * each head's query against the latent is [W_uk^T q_nope | rope(q_rope)], its output W_uv (P latent).
+ * fused_w: q_a|kv_a (or q|kv_a) packed, Nfq = q_a's (or q's) outputs. kvb: kv_b_proj's weight
+ * (H*(nope+V) x C) stored transposed: element [r][c] at kvb[c * ldk + r]. Dims: see the caller. */
+int r1_mla_decode_attention(float *h, int64_t M, int64_t Hd, const float *ln, float eps,
+                            const float *fused_w, const float *fused_b, int64_t Nfq,
+                            const float *q_ln, const float *q_b_w, const float *kv_ln,
+                            const float *kvb, int64_t ldk, const float *o_w, const float *o_b,
+                            int64_t H, int64_t NOPE, int64_t R, int64_t V, int64_t C, int interleave,
+                            const float *cos, const float *sin, float *cache, int64_t S,
+                            const int64_t *slots, int64_t kv_len, float scale, int nt) {
+    int64_t QK = NOPE + R, Nf = Nfq + C + R, L = C + R, half = R / 2;
+    int64_t *len = (int64_t *)malloc((size_t)M * sizeof(int64_t));
+    if (row_lengths(slots, M, S, kv_len, len)) {
+        free(len);
+        return 1;
+    }
+    float *xn = falloc(M * (Hd > Nfq ? Hd : Nfq));
+    float *f = falloc(M * Nf);
+    float *q = falloc(M * H * QK);
+    float *ql = falloc(M * H * L);   /* queries against the latent */
+    float *ol = falloc(M * H * L);   /* outputs in the latent */
+    float *ov = falloc(M * H * V);
+    rms_norm_rows(h, M, Hd, ln, eps, xn);
+    r1_gemm(xn, M, Hd, Hd, fused_w, Nf, fused_b, f, Nf, nt);
+    const float *qsrc = f; /* q (no q_lora) or q_a, row stride Nf */
+    int64_t ldq = Nf;
+    if (q_b_w) {
+        float *qa = xn; /* (M x Nfq): the normed q_a */
+        for (int64_t m = 0; m < M; m++)
+            rms_norm_rows(f + m * Nf, 1, Nfq, q_ln, eps, qa + m * Nfq);
+        r1_gemm(qa, M, Nfq, Nfq, q_b_w, H * QK, NULL, q, H * QK, nt);
+        qsrc = q;
+        ldq = H * QK;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float *c = cos + m * half, *s = sin + m * half;
+        const float *qr = qsrc + m * ldq;
+        float *kv = f + m * Nf + Nfq;            /* c_kv | k_rope of this row's new token */
+        float *slot = cache + slots[m] * L;
+        rms_norm_rows(kv, 1, C, kv_ln, eps, slot);
+        memcpy(slot + C, kv + C, (size_t)R * sizeof(float));
+        rotate(slot + C, c, s, R, interleave);
+        for (int64_t hh = 0; hh < H; hh++) {
+            const float *qn = qr + hh * QK;        /* q_nope | q_rope of head hh */
+            float *dst = ql + (m * H + hh) * L;
+            /* W_uk^T q_nope: dst[c] = sum_d qn[d] * kvb[c * ldk + hh * (NOPE + V) + d] */
+            const float *wk = kvb + hh * (NOPE + V);
+            for (int64_t cc = 0; cc < C; cc++) {
+                const float *w = wk + cc * ldk;
+                __m256 a = _mm256_setzero_ps();
+                for (int64_t d = 0; d < NOPE; d += 8)
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qn + d), _mm256_loadu_ps(w + d), a);
+                dst[cc] = hsum(a);
+            }
+            memcpy(dst + C, qn + NOPE, (size_t)R * sizeof(float));
+            rotate(dst + C, c, s, R, interleave);
+        }
+    }
+    /* every head of a row attends over the same latent slots: one KV "head" of width C + R */
+    decode_attention(ql, H * L, cache, cache, S, len, M, H, 1, L, scale, ol, nt);
+    memset(ov, 0, (size_t)(M * H * V) * sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t hh = 0; hh < H; hh++) { /* W_uv (P latent): ov[v] += sum_c ol[c] * kvb[c * ldk + hh * (NOPE + V) + NOPE + v] */
+            const float *o = ol + (m * H + hh) * L;
+            float *dst = ov + (m * H + hh) * V;
+            const float *wv = kvb + hh * (NOPE + V) + NOPE;
+            for (int64_t cc = 0; cc < C; cc++) {
+                __m256 oc = _mm256_set1_ps(o[cc]);
+                const float *w = wv + cc * ldk;
+                for (int64_t v = 0; v < V; v += 8)
+                    _mm256_storeu_ps(dst + v, _mm256_fmadd_ps(oc, _mm256_loadu_ps(w + v), _mm256_loadu_ps(dst + v)));
+            }
+        }
+    r1_gemm(ov, M, H * V, H * V, o_w, Hd, o_b, xn, Hd, nt);
+    for (int64_t i = 0; i < M * Hd; i++) h[i] += xn[i];
+    free(xn);
+    free(f);
+    free(q);
+    free(ql);
+    free(ol);
+    free(ov);
     free(len);
     return 0;
 }

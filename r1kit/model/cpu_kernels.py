@@ -16,15 +16,18 @@ The cost is memory: a packed copy of every linear weight, allocated on first use
 or more rows. `Engine(pack_weights=...)` decides (by default, models whose linear weights fit in
 `AUTO_BYTES`); `attach(model)` marks the layers, `project` / `linear` are the call sites.
 
-Dense layers (Qwen2, Llama) go one step further when decoding: `dense_decode_layer` runs a whole
-block for one new token per row as one C call (r1_dense_decode_layer): RMSNorm, the fused q|k|v
-product, rotary, the cache write, attention over the row's slots, o, RMSNorm, gate|up, SiLU, down,
-both residuals. At the sizes r1kit trains here a batched decode step spent as long in torch's
-dispatch of its ~50 small ops per layer as in its products (one layer of the GRPO bench's tiny
-model, 32 rows: about 0.8 ms of products and 0.5-0.6 ms of everything else); the C layer keeps
-the products and little else. Same values as the torch code (tests/test_cpu_kernels.py). Attention
-and RMSNorm kernels called one op at a time were measured too and did not pay: a ctypes call costs
-about 4 us, and at batch 1 torch's SDPA is as fast.
+Decoding goes one step further: `decode_block` runs a block for one new token per row in C. A
+dense block (Qwen2, Llama) is one call (r1_dense_decode_layer): RMSNorm, the fused q|k|v product,
+rotary, the cache write, attention over the row's slots, o, RMSNorm, gate|up, SiLU, down, both
+residuals. A DeepSeek block's MLA half is one call (r1_mla_decode_attention: q_a, its norm, q_b,
+kv_a, its norm, rotary, the latent cache write, W_uk absorbed into the query, attention over the
+latent, W_uv, o), and its dense MLP another; a MoE stays torch's, so routing stays choice for
+choice the same. At the sizes r1kit trains here a batched decode step spent as long in torch's
+dispatch of its many small ops per layer as in its products (one layer of the GRPO bench's tiny
+Qwen2, 32 rows: about 0.8 ms of products and 0.5-0.6 ms of everything else; an MLA half of the
+tiny V3 at 64 rows 1.5 ms for about 0.2 ms of arithmetic). Same values as the torch code
+(tests/test_cpu_kernels.py). Attention and RMSNorm kernels called one op at a time were measured
+too and did not pay: a ctypes call costs about 4 us, and at batch 1 torch's SDPA is as fast.
 
 The C source is compiled with the system C compiler on first use (about a second) into
 `$R1KIT_CACHE` (default ~/.cache/r1kit). Without an x86 CPU with AVX2 and FMA, or without a
@@ -112,6 +115,11 @@ def library() -> ctypes.CDLL | None:
     lib.r1_dense_decode_layer.argtypes = [ptr, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                           i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, i32]
     lib.r1_dense_decode_layer.restype = i32
+    lib.r1_swiglu_block.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, i32]
+    lib.r1_swiglu_block.restype = None
+    lib.r1_mla_decode_attention.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
+                                            ptr, i64, i64, i64, i64, i64, i32, ptr, ptr, ptr, i64, ptr, i64, f32, i32]
+    lib.r1_mla_decode_attention.restype = i32
     _LIB = lib
     return lib
 
@@ -215,7 +223,7 @@ def detach(model: nn.Module) -> None:
             fused.packed = None
 
 
-# r1_dense_decode_layer on (True) or off: tests compare the two paths; R1KIT_FUSED_DECODE=0 turns it off
+# the fused decode blocks on (True) or off: tests compare the two paths; R1KIT_FUSED_DECODE=0 turns them off
 FUSED_LAYERS = os.environ.get("R1KIT_FUSED_DECODE", "1") != "0"
 
 
@@ -223,40 +231,74 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def dense_decode_layer(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
-                       slots: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-    """`block(x, ...)` for one new token per row (x: (B, 1, hidden)) of a dense block (grouped-query
-    attention + SwiGLU MLP, non-interleaved rotary), as one call of the C layer: the products on
-    the packed weights and every op between them, without torch's per-op dispatch. Writes the new
-    key and value to `cache` like the torch code. None where it does not apply (then the caller
-    runs the torch code): no packed weights, gradients on, not float32, under torch.compile, a
-    layer replaced or unfused, sizes not multiples of 8, a non-contiguous cache."""
-    if not FUSED_LAYERS:
+def _group(fused) -> torch.Tensor | None:
+    """The packed matrix of a fused group (fuse.Fused), fresh; None if the group cannot be used."""
+    if fused is None or fused.packed is None or not fused.usable():
+        return None
+    return fused.packed._packed(fused.weight, tuple(version(lin.weight) for lin in fused.linears))
+
+
+def _single(layer: nn.Module) -> torch.Tensor | None:
+    """The packed weight of a plain nn.Linear marked by `attach`, fresh; None otherwise."""
+    packed = layer.__dict__.get("packed_weight")
+    if packed is None or type(layer) is not nn.Linear:
+        return None
+    return packed._packed(layer.weight)
+
+
+def _f32(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+
+
+def decode_block(block: nn.Module, x: torch.Tensor, rotary, cos: torch.Tensor, sin: torch.Tensor, cache,
+                 slots: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    """`block(x, ...)` (model/transformer.Block) for one new token per row, x (B, 1, hidden), in C where
+    it applies: the products on the packed weights and every op between them, without torch's per-op
+    dispatch; the cache is written as the torch code writes it.
+    - dense block (grouped-query attention + SwiGLU MLP): the whole block in one call;
+    - DeepSeek block: the MLA attention half in one call (absorbed, as MLAttention decodes), then a
+      dense MLP in one more, or the MoE in torch (its routing stays torch's, choice for choice).
+    None where it does not apply (the caller runs the torch code): no packed weights, gradients on,
+    not float32, under torch.compile, a layer replaced or unfused, a size not a multiple of 8, a
+    non-contiguous cache."""
+    if not FUSED_LAYERS or x.shape[1] != 1:
         return None
     attn, mlp = block.self_attn, block.mlp
-    qkv, gu = attn.fused, mlp.fused
-    o, down = attn.o_proj, mlp.down_proj
-    if qkv is None or gu is None or qkv.packed is None or gu.packed is None:
-        return None
-    po, pd = o.__dict__.get("packed_weight"), down.__dict__.get("packed_weight")
-    if po is None or pd is None or type(o) is not nn.Linear or type(down) is not nn.Linear:
-        return None
-    B, T, Hd = x.shape
     ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
-    D, I = attn.head_dim, down.in_features
-    k_cache, v_cache = cache
-    # one row too: the layer saves far more dispatch than MKL's one-row product gains (0.8-1.2x ours)
-    if (T != 1 or not qkv.packed.accepts(x, qkv.weight, min_rows=1) or Hd % 8 or D % 8 or I % 8 or ln1.eps != ln2.eps
-            or ln1.weight.dtype != torch.float32 or ln2.weight.dtype != torch.float32
-            or k_cache.dtype != torch.float32 or k_cache.shape[0] != B
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-            or not (qkv.usable() and gu.usable())):
+    fused = getattr(attn, "fused", None)
+    # one row too: the block saves far more dispatch than MKL's one-row product gains (0.8-1.2x ours)
+    if fused is None or fused.packed is None or not fused.packed.accepts(x, fused.weight, min_rows=1):
         return None
-    qkv_w = qkv.packed._packed(qkv.weight, tuple(version(lin.weight) for lin in qkv.linears))
-    gu_w = gu.packed._packed(gu.weight, tuple(version(lin.weight) for lin in gu.linears))
-    o_w, down_w = po._packed(o.weight), pd._packed(down.weight)
-    qkv_b = None if qkv.bias is None else qkv.bias.detach().contiguous()
-    o_b = None if o.bias is None else o.bias.detach().contiguous()
+    B, _, Hd = x.shape
+    dense_mlp = type(getattr(mlp, "down_proj", None)) is nn.Linear and getattr(mlp, "fused", None) is not None
+    if Hd % 8 or ln1.eps != ln2.eps or not _f32(ln1.weight, ln2.weight):
+        return None
+    if getattr(attn, "kv_lora_rank", None) is None:  # grouped-query attention
+        if not dense_mlp or rotary.interleave:
+            return None
+        return _dense_block(block, x, cos, sin, cache, slots, kv_len)
+    h = _mla_half(block, x, rotary, cos, sin, cache, slots, kv_len)
+    if h is None:
+        return None
+    if dense_mlp and _swiglu_half(h, ln2, mlp):
+        return h
+    return h + mlp(ln2(h))
+
+
+def _dense_block(block, x, cos, sin, cache, slots, kv_len) -> torch.Tensor | None:
+    attn, mlp = block.self_attn, block.mlp
+    ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+    B, _, Hd = x.shape
+    D, I = attn.head_dim, mlp.down_proj.in_features
+    k_cache, v_cache = cache
+    if D % 8 or I % 8 or k_cache.shape[0] != B or not _f32(k_cache, v_cache):
+        return None
+    qkv_w, gu_w = _group(attn.fused), _group(mlp.fused)
+    o_w, down_w = _single(attn.o_proj), _single(mlp.down_proj)
+    if qkv_w is None or gu_w is None or o_w is None or down_w is None:
+        return None
+    qkv_b = None if attn.fused.bias is None else attn.fused.bias.detach().contiguous()
+    o_b = None if attn.o_proj.bias is None else attn.o_proj.bias.detach().contiguous()
     h = x.contiguous().clone()  # updated in place by the kernel; the caller's x is left as it was
     cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
     slots = slots.contiguous()
@@ -266,7 +308,56 @@ def dense_decode_layer(block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
         attn.n_heads, attn.n_kv_heads, D, cos.data_ptr(), sin.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], slots.data_ptr(), kv_len,
         attn.scale, torch.get_num_threads())
-    if bad:
-        raise ValueError(f"decode slots {slots.tolist()} fall outside their rows of a cache of "
-                         f"{k_cache.shape[1]} slots per row: a position is past the cache's end")
+    _check(bad, slots, k_cache.shape[1])
     return h
+
+
+def _swiglu_half(h: torch.Tensor, ln, mlp) -> bool:
+    """h += mlp(ln(h)) in place, in C; False (h untouched) where it does not apply."""
+    I = mlp.down_proj.in_features
+    gu_w, down_w = _group(mlp.fused), _single(mlp.down_proj)
+    if I % 8 or gu_w is None or down_w is None:
+        return False
+    B, _, Hd = h.shape
+    library().r1_swiglu_block(h.data_ptr(), B, Hd, ln.weight.data_ptr(), ln.eps, gu_w.data_ptr(),
+                              down_w.data_ptr(), I, torch.get_num_threads())
+    return True
+
+
+def _mla_half(block, x, rotary, cos, sin, cache, slots, kv_len) -> torch.Tensor | None:
+    """x + attention(ln1(x)) of a DeepSeek block (MLA, absorbed), in C; None where it does not apply."""
+    attn, ln1 = block.self_attn, block.input_layernorm
+    B, _, Hd = x.shape
+    C, R, NOPE, V, H = attn.kv_lora_rank, attn.rope_dim, attn.nope_dim, attn.v_dim, attn.n_heads
+    Nfq = attn.fused.sizes[0]
+    kvb = attn.kv_b_proj
+    if (C % 8 or NOPE % 8 or V % 8 or (C + R) % 8 or R % 2 or R > 512 or (attn.q_lora_rank and Nfq % 8)
+            or type(kvb) is not nn.Linear or kvb.weight.stride(0) != 1 or kvb.weight.dtype != torch.float32
+            or cache.shape[0] != B or not _f32(cache, attn.kv_a_layernorm.weight)):
+        return None
+    f_w, o_w = _group(attn.fused), _single(attn.o_proj)
+    q_b_w = _single(attn.q_b_proj) if attn.q_lora_rank else None
+    if f_w is None or o_w is None or (attn.q_lora_rank and (q_b_w is None or not _f32(attn.q_a_layernorm.weight))):
+        return None
+    f_b = None if attn.fused.bias is None else attn.fused.bias.detach().contiguous()
+    o_b = None if attn.o_proj.bias is None else attn.o_proj.bias.detach().contiguous()
+    h = x.contiguous().clone()
+    cos, sin = cos.reshape(B, R // 2).contiguous(), sin.reshape(B, R // 2).contiguous()
+    slots = slots.contiguous()
+    q_eps = attn.q_a_layernorm.eps if attn.q_lora_rank else ln1.eps
+    if q_eps != ln1.eps or attn.kv_a_layernorm.eps != ln1.eps:
+        return None
+    bad = library().r1_mla_decode_attention(
+        h.data_ptr(), B, Hd, ln1.weight.data_ptr(), ln1.eps, f_w.data_ptr(), _ptr(f_b), Nfq,
+        attn.q_a_layernorm.weight.data_ptr() if attn.q_lora_rank else None, _ptr(q_b_w),
+        attn.kv_a_layernorm.weight.data_ptr(), kvb.weight.data_ptr(), kvb.weight.stride(1),
+        o_w.data_ptr(), _ptr(o_b), H, NOPE, R, V, C, int(rotary.interleave), cos.data_ptr(), sin.data_ptr(),
+        cache.data_ptr(), cache.shape[1], slots.data_ptr(), kv_len, attn.scale, torch.get_num_threads())
+    _check(bad, slots, cache.shape[1])
+    return h
+
+
+def _check(bad: int, slots: torch.Tensor, S: int) -> None:
+    if bad:
+        raise ValueError(f"decode slots {slots.tolist()} fall outside their rows of a cache of {S} slots "
+                         f"per row: a position is past the cache's end")

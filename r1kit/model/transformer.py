@@ -14,7 +14,7 @@ from torch import nn
 
 from r1kit.model.attention import GQAttention, MLAttention, cache_slots
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import dense_decode_layer, linear, project
+from r1kit.model.cpu_kernels import decode_block, linear, project
 from r1kit.model.layers import MLP, RMSNorm, Rotary
 from r1kit.model.moe import MoE
 
@@ -26,12 +26,10 @@ class Block(nn.Module):
         self.self_attn = MLAttention(config) if config.is_mla else GQAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
-        self.dense = isinstance(self.self_attn, GQAttention) and type(self.mlp) is MLP
 
     def forward(self, x, rotary, cos, sin, mask=None, cache=None, slots=None, kv_len=None):
-        if self.dense and cache is not None and x.shape[1] == 1 and not rotary.interleave:
-            # decoding a dense model on a CPU: the whole layer in one C call where it applies
-            out = dense_decode_layer(self, x, cos, sin, cache, slots, kv_len)
+        if cache is not None and x.shape[1] == 1:  # decoding on a CPU: C blocks where they apply
+            out = decode_block(self, x, rotary, cos, sin, cache, slots, kv_len)
             if out is not None:
                 return out
         x = x + self.self_attn(self.input_layernorm(x), rotary, cos, sin, mask, cache, slots, kv_len)
