@@ -326,16 +326,17 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
     model = _dense(model_type, **kw)
     engine = Engine(model, max_batch_size=8)
     params = SamplingParams(n=3, max_tokens=10, temperature=0)
-    lib, calls = cpu_kernels.library(), []
+    lib, calls, names = cpu_kernels.library(), [], set()
 
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            if name not in ("r1_dense_decode_layer", "r1_mla_decode_attention"):
+            if name not in ("r1_dense_decode_layer", "r1_mla_decode_attention", "r1_moe_block"):
                 return fn
 
             def layer(*args):
-                calls.append(args[1])
+                calls.append(args[2] if name == "r1_moe_block" else args[1])
+                names.add(name)
                 return fn(*args)
             return layer
 
@@ -350,9 +351,30 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
         calls.clear()
         ours = engine.generate([[1, 2, 3], [4, 5]], params)
         assert calls and set(calls) <= {6, 3, 2}  # every decode step of every layer, on the live rows
+        assert names == ({"r1_mla_decode_attention", "r1_moe_block"} if family == "deepseek" else {"r1_dense_decode_layer"})
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
         ref = engine.generate([[1, 2, 3], [4, 5]], params)
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)
         assert [g.token_ids for g in ours] == [g.token_ids for g in ref]
         for a, b in zip(ours, ref):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+@needs_kernels
+def test_moe_in_training_mode_stays_on_torch_and_counts_expert_load():
+    """The balancing bias is updated from the experts' load, counted by training-mode forwards: the C
+    MoE half steps aside for them."""
+    model_type, kw = FAMILIES["deepseek"]
+    model = _dense(model_type, **kw)
+    Engine(model)
+    model.train()
+    block = model.model.layers[1]  # a MoE layer
+    cache = model.new_cache(3, 16)
+    positions = torch.tensor([[2], [5], [0]])
+    from r1kit.model.attention import cache_slots
+
+    x = torch.randn(3, 1, model.config.hidden_size)
+    cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=16)
+    with torch.inference_mode():
+        out = cpu_kernels.decode_block(block, x, model.rotary, cos, sin, cache.layers[1], cache_slots(positions, 16), 6)
+    assert out is not None and block.mlp.expert_load.sum() == 3 * model.config.num_experts_per_tok

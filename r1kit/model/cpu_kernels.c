@@ -467,3 +467,53 @@ int r1_mla_decode_attention(float *h, int64_t M, int64_t Hd, const float *ln, fl
     free(len);
     return 0;
 }
+
+/* The MoE half of a DeepSeek block for decoding, in place, routing done by the caller (torch):
+ *   h += sum_j gates[m][j] * expert_{ids[m][j]}(xn[m]) + shared(xn[m])
+ * xn (M x Hd): the normed input. Expert e's gate|up and down, packed by r1_pack, start at
+ * gu_w + e * gu_stride and down_w + e * down_stride. Each expert runs once, on the rows routed to
+ * it (gathered), and the pairs combine in torch's order (moe.Experts). sgu_w/sdown_w: the shared
+ * experts' gate|up and down (NULL: none), Is their intermediate size. */
+void r1_moe_block(float *h, const float *xn, int64_t M, int64_t Hd, const int64_t *ids, const float *gates,
+                  int64_t k, const float *gu_w, int64_t gu_stride, const float *down_w, int64_t down_stride,
+                  int64_t I, int64_t E, const float *sgu_w, const float *sdown_w, int64_t Is, int nt) {
+    int64_t P = M * k, Iw = I > Is ? I : Is;
+    float *ys = falloc(P * Hd), *xe = falloc(P * Hd), *ye = falloc((P > M ? P : M) * Hd);
+    float *gu = falloc((P > M ? P : M) * 2 * Iw), *act = falloc((P > M ? P : M) * Iw);
+    int64_t *pairs = (int64_t *)malloc((size_t)P * sizeof(int64_t));
+    memset(ys, 0, (size_t)(P * Hd) * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t p = 0; p < P; p++)
+            if (ids[p] == e) pairs[n++] = p;
+        if (!n) continue;
+        for (int64_t j = 0; j < n; j++)
+            memcpy(xe + j * Hd, xn + (pairs[j] / k) * Hd, (size_t)Hd * sizeof(float));
+        r1_gemm(xe, n, Hd, Hd, gu_w + e * gu_stride, 2 * I, NULL, gu, 2 * I, nt);
+        silu_mul_rows(gu, n, I, act);
+        r1_gemm(act, n, I, I, down_w + e * down_stride, Hd, NULL, ye, Hd, nt);
+        for (int64_t j = 0; j < n; j++)
+            memcpy(ys + pairs[j] * Hd, ye + j * Hd, (size_t)Hd * sizeof(float));
+    }
+    float *y = xe; /* (M x Hd): the routed experts' weighted sum per token */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t d = 0; d < Hd; d++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++)
+                acc += gates[m * k + j] * ys[(m * k + j) * Hd + d];
+            y[m * Hd + d] = acc;
+        }
+    if (sgu_w) {
+        r1_gemm(xn, M, Hd, Hd, sgu_w, 2 * Is, NULL, gu, 2 * Is, nt);
+        silu_mul_rows(gu, M, Is, act);
+        r1_gemm(act, M, Is, Is, sdown_w, Hd, NULL, ye, Hd, nt);
+        for (int64_t i = 0; i < M * Hd; i++) y[i] += ye[i];
+    }
+    for (int64_t i = 0; i < M * Hd; i++) h[i] += y[i];
+    free(ys);
+    free(xe);
+    free(ye);
+    free(gu);
+    free(act);
+    free(pairs);
+}

@@ -21,8 +21,9 @@ dense block (Qwen2, Llama) is one call (r1_dense_decode_layer): RMSNorm, the fus
 rotary, the cache write, attention over the row's slots, o, RMSNorm, gate|up, SiLU, down, both
 residuals. A DeepSeek block's MLA half is one call (r1_mla_decode_attention: q_a, its norm, q_b,
 kv_a, its norm, rotary, the latent cache write, W_uk absorbed into the query, attention over the
-latent, W_uv, o), and its dense MLP another; a MoE stays torch's, so routing stays choice for
-choice the same. At the sizes r1kit trains here a batched decode step spent as long in torch's
+latent, W_uv, o), and its dense MLP or MoE half another (r1_swiglu_block, r1_moe_block). The MoE's
+routing stays torch's (moe.Router), so the experts chosen are the same; each expert then runs once
+in C on the rows routed to it, from its own packed copy (PackedStack). At the sizes r1kit trains here a batched decode step spent as long in torch's
 dispatch of its many small ops per layer as in its products (one layer of the GRPO bench's tiny
 Qwen2, 32 rows: about 0.8 ms of products and 0.5-0.6 ms of everything else; an MLA half of the
 tiny V3 at 64 rows 1.5 ms for about 0.2 ms of arithmetic). Same values as the torch code
@@ -120,6 +121,8 @@ def library() -> ctypes.CDLL | None:
     lib.r1_mla_decode_attention.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
                                             ptr, i64, i64, i64, i64, i64, i32, ptr, ptr, ptr, i64, ptr, i64, f32, i32]
     lib.r1_mla_decode_attention.restype = i32
+    lib.r1_moe_block.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i32]
+    lib.r1_moe_block.restype = None
     _LIB = lib
     return lib
 
@@ -174,6 +177,35 @@ class PackedWeight:
         return y.view(*x.shape[:-1], N)
 
 
+class PackedStack:
+    """Every matrix of a stacked (E, out, in) parameter (MoE experts: gate_up_proj, down_proj) packed
+    for r1_gemm, one after another in one buffer; packed again when the parameter changes."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.key: tuple | None = None
+
+    def get(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The buffer and the floats from one matrix's packing to the next."""
+        E, N, K = weight.shape
+        per = -(-N // NR) * NR * K
+        key = (weight.data_ptr(), version(weight), tuple(weight.shape), weight.stride())
+        if key != self.key:
+            if self.buffer is None or self.buffer.numel() != E * per:
+                self.buffer = torch.empty(E * per, dtype=torch.float32)
+            w = weight.detach()
+            for e in range(E):  # W_e = weight[e].t(): (K, N), element [k][n] at weight[e][n][k]
+                library().r1_pack(w[e].data_ptr(), K, N, w.stride(2), w.stride(1),
+                                  self.buffer.data_ptr() + 4 * e * per, torch.get_num_threads())
+            self.key = key
+        return self.buffer, per
+
+
+def _is_experts(module: nn.Module) -> bool:
+    w = getattr(module, "gate_up_proj", None)
+    return isinstance(w, nn.Parameter) and w.dim() == 3
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None, version_key=None) -> torch.Tensor:
     """F.linear(x, weight, bias), through `packed` when it applies (a few rows, no gradient, CPU)."""
@@ -191,7 +223,9 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_bytes(model: nn.Module) -> int:
-    return sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+    """Bytes (fp32) of what `attach` would pack: linear weights and MoE experts."""
+    return (sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+            + sum((m.gate_up_proj.numel() + m.down_proj.numel()) * 4 for m in model.modules() if _is_experts(m)))
 
 
 def attach(model: nn.Module) -> bool:
@@ -208,6 +242,8 @@ def attach(model: nn.Module) -> bool:
         fused = getattr(module, "fused", None)
         if fused is not None and getattr(fused, "packed", None) is None:
             fused.packed = PackedWeight()
+        if _is_experts(module) and "packed_stacks" not in module.__dict__:
+            module.packed_stacks = (PackedStack(), PackedStack())
     if getattr(model, "lm_head", "absent") is None:
         model.head_packed = PackedWeight()
     return True
@@ -218,6 +254,7 @@ def detach(model: nn.Module) -> None:
     for module in model.modules():
         module.__dict__.pop("packed_weight", None)
         module.__dict__.pop("head_packed", None)
+        module.__dict__.pop("packed_stacks", None)
         fused = getattr(module, "fused", None)
         if fused is not None:
             fused.packed = None
@@ -256,8 +293,8 @@ def decode_block(block: nn.Module, x: torch.Tensor, rotary, cos: torch.Tensor, s
     it applies: the products on the packed weights and every op between them, without torch's per-op
     dispatch; the cache is written as the torch code writes it.
     - dense block (grouped-query attention + SwiGLU MLP): the whole block in one call;
-    - DeepSeek block: the MLA attention half in one call (absorbed, as MLAttention decodes), then a
-      dense MLP in one more, or the MoE in torch (its routing stays torch's, choice for choice).
+    - DeepSeek block: the MLA attention half in one call (absorbed, as MLAttention decodes), then the
+      dense MLP or the MoE in one more (MoE routing in torch: the same experts chosen).
     None where it does not apply (the caller runs the torch code): no packed weights, gradients on,
     not float32, under torch.compile, a layer replaced or unfused, a size not a multiple of 8, a
     non-contiguous cache."""
@@ -281,6 +318,8 @@ def decode_block(block: nn.Module, x: torch.Tensor, rotary, cos: torch.Tensor, s
     if h is None:
         return None
     if dense_mlp and _swiglu_half(h, ln2, mlp):
+        return h
+    if not dense_mlp and _moe_half(h, ln2, mlp):
         return h
     return h + mlp(ln2(h))
 
@@ -321,6 +360,35 @@ def _swiglu_half(h: torch.Tensor, ln, mlp) -> bool:
     B, _, Hd = h.shape
     library().r1_swiglu_block(h.data_ptr(), B, Hd, ln.weight.data_ptr(), ln.eps, gu_w.data_ptr(),
                               down_w.data_ptr(), I, torch.get_num_threads())
+    return True
+
+
+def _moe_half(h: torch.Tensor, ln, moe) -> bool:
+    """h += moe(ln(h)) in place: routing in torch (moe.Router, the same choices), the experts' and the
+    shared experts' products in C; False (h untouched) where it does not apply."""
+    experts, shared = getattr(moe, "experts", None), getattr(moe, "shared_experts", None)
+    stacks = None if experts is None else experts.__dict__.get("packed_stacks")
+    if stacks is None or moe.training or not _f32(experts.gate_up_proj, experts.down_proj):
+        return False  # training-mode forwards count the experts' load: torch's MoE does that
+    E, I2, _ = experts.gate_up_proj.shape
+    I, Is = I2 // 2, 0
+    sgu = sdown = None
+    if shared is not None:
+        sgu, sdown = _group(getattr(shared, "fused", None)), _single(shared.down_proj)
+        Is = shared.down_proj.in_features
+        if sgu is None or sdown is None or Is % 8:
+            return False
+    if I % 8:
+        return False
+    B, _, Hd = h.shape
+    xn = ln(h).reshape(B, Hd).contiguous()
+    ids, gates, _ = moe.gate(xn)
+    gu_w, gu_stride = stacks[0].get(experts.gate_up_proj)
+    down_w, down_stride = stacks[1].get(experts.down_proj)
+    ids, gates = ids.contiguous(), gates.float().contiguous()
+    library().r1_moe_block(h.data_ptr(), xn.data_ptr(), B, Hd, ids.data_ptr(), gates.data_ptr(), ids.shape[1],
+                           gu_w.data_ptr(), gu_stride, down_w.data_ptr(), down_stride, I, E,
+                           _ptr(sgu), _ptr(sdown), Is, torch.get_num_threads())
     return True
 
 
