@@ -1,7 +1,8 @@
-"""CPU decode kernels (cpu_kernels.c): matrix products at small batch on packed weights.
+"""CPU decode kernels (cpu_kernels.c): matrix products at small batch on packed weights, and whole
+decoder blocks built on them.
 
-They run only where they apply (float32 on a CPU, no gradient, outside torch.compile, 2-64 rows)
-and where the kernels could be built; everywhere else the model runs torch's ops, so nothing
+They run only where they apply (float32 on a CPU, no gradient, outside torch.compile, 2-64 rows
+for a single product, 1-64 for a decode block) and where the kernels could be built; everywhere else the model runs torch's ops, so nothing
 depends on them.
 
 A decode step multiplies a few rows (the batch) by every weight matrix. torch's CPU products go to
@@ -10,10 +11,9 @@ much of the cost. `cpu_kernels.c` keeps a packed copy of each weight (made once,
 weights change, e.g. after a GRPO optimizer step) and streams it once per product. On this
 project's 2-core AVX2 CPU (bench/decode_gemm.py), the products of a decode step of the 25M model
 and of two R1-Distill-Qwen-1.5B-shaped layers, two runs: on one thread 1.2-2.5x MKL at 2-64 rows
-and 0.8-1.2x at one row (which stays on MKL); on two threads 1.4-3.7x at 1-64 rows.
+and 0.8-1.2x at one row (where a lone product stays on MKL); on two threads 1.4-3.7x at 1-64 rows.
 
-The cost is memory: a packed copy of every linear weight, allocated on first use by a batch of 2
-or more rows. `Engine(pack_weights=...)` decides (by default, models whose linear weights fit in
+The cost is memory: a packed copy of every linear weight (and MoE expert), allocated on first use. `Engine(pack_weights=...)` decides (by default, models whose linear weights fit in
 `AUTO_BYTES`); `attach(model)` marks the layers, `project` / `linear` are the call sites.
 
 Decoding goes one step further: `decode_block` runs a block for one new token per row in C. A
@@ -23,17 +23,19 @@ residuals. A DeepSeek block's MLA half is one call (r1_mla_decode_attention: q_a
 kv_a, its norm, rotary, the latent cache write, W_uk absorbed into the query, attention over the
 latent, W_uv, o), and its dense MLP or MoE half another (r1_swiglu_block, r1_moe_block). The MoE's
 routing stays torch's (moe.Router), so the experts chosen are the same; each expert then runs once
-in C on the rows routed to it, from its own packed copy (PackedStack). At the sizes r1kit trains here a batched decode step spent as long in torch's
-dispatch of its many small ops per layer as in its products (one layer of the GRPO bench's tiny
-Qwen2, 32 rows: about 0.8 ms of products and 0.5-0.6 ms of everything else; an MLA half of the
-tiny V3 at 64 rows 1.5 ms for about 0.2 ms of arithmetic). Same values as the torch code
-(tests/test_cpu_kernels.py). Attention and RMSNorm kernels called one op at a time were measured
-too and did not pay: a ctypes call costs about 4 us, and at batch 1 torch's SDPA is as fast.
+in C on the rows routed to it, from its own packed copy (PackedStack).
+
+Why: at the sizes r1kit trains here a batched decode step spent as long in torch's dispatch of its
+many small ops per layer as in its products (one layer of the GRPO bench's tiny Qwen2 at 32 rows:
+about 0.8 ms of products and 0.5-0.6 ms of everything else; the MLA half of the tiny V3 at 64 rows:
+1.5 ms for about 0.2 ms of arithmetic). Same values as the torch code (tests/test_cpu_kernels.py).
+Attention and RMSNorm kernels called one op at a time were measured too and did not pay: a ctypes
+call costs about 4 us, and at batch 1 torch's SDPA is as fast.
 
 The C source is compiled with the system C compiler on first use (about a second) into
 `$R1KIT_CACHE` (default ~/.cache/r1kit). Without an x86 CPU with AVX2 and FMA, or without a
 compiler, `library()` is None and every product stays on torch. `R1KIT_CPU_GEMM=0` turns it off;
-`R1KIT_FUSED_DECODE=0` turns off only the fused dense layer.
+`R1KIT_FUSED_DECODE=0` turns off only the C blocks (`decode_block`).
 """
 from __future__ import annotations
 
@@ -297,8 +299,9 @@ def decode_block(block: nn.Module, x: torch.Tensor, rotary, cos: torch.Tensor, s
       dense MLP or the MoE in one more (MoE routing in torch: the same experts chosen).
     None where it does not apply (the caller runs the torch code): no packed weights, gradients on,
     not float32, under torch.compile, a layer replaced or unfused, a size not a multiple of 8, a
-    non-contiguous cache."""
-    if not FUSED_LAYERS or x.shape[1] != 1:
+    non-contiguous cache. Row m attends to its slots 0..min(position, kv_len - 1): the mask that
+    Transformer.forward builds from the positions, which is why the mask is not an argument."""
+    if not FUSED_LAYERS or x.shape[1] != 1 or kv_len is None or slots is None:
         return None
     attn, mlp = block.self_attn, block.mlp
     ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
