@@ -1,5 +1,6 @@
 /* Small-batch matrix products for decoding on an x86 CPU with AVX2 + FMA: y = x @ W + b for the few
- * rows (2-64) a decode step multiplies by each weight matrix. Plain C over float32, built by
+ * rows (2-64) a decode step multiplies by each weight matrix; and, built on them, whole decoder
+ * blocks for one new token per row (second half of this file). Plain C over float32, built by
  * cpu_kernels.py with the system compiler on first use; nothing here is required: without a compiler
  * or AVX2 the model runs torch's products.
  *
@@ -120,15 +121,16 @@ void r1_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const float *pac
     }
 }
 
-
 /* ------------------------------------------------------------------------------------------------
- * One decoder layer of a dense model (Qwen2, Llama) for one new token per row, in one call.
+ * Decoder blocks for one new token per row: a dense block (Qwen2, Llama) in one call
+ * (r1_dense_decode_layer); a DeepSeek block in two, its MLA half (r1_mla_decode_attention) and its
+ * dense MLP or MoE half (r1_swiglu_block, r1_moe_block; the MoE's routing is done by the caller).
  *
- * Why: at the sizes r1kit trains on a CPU (hidden 256-512, 4-8 layers) a batched decode step
- * spends as long in torch's dispatch of its ~50 small ops per layer (norms, rotary, cache writes,
- * attention over a short cache, SiLU, residuals) as in its matrix products. Here the layer is
- * the products above (r1_gemm on packed weights) and plain loops between them: the same
- * arithmetic as the model's torch code (model/layers.py, model/attention.py), in the same order.
+ * Why: at the sizes r1kit trains on a CPU (hidden 128-512, 4-8 layers) a batched decode step
+ * spends as long in torch's dispatch of its many small ops per layer (norms, rotary, cache writes,
+ * attention over a short cache, SiLU, residuals) as in its matrix products. Here a block is the
+ * products above (r1_gemm on packed weights) and plain loops between them: the same arithmetic as
+ * the model's torch code (model/layers.py, attention.py, moe.py), in the same order.
  * ------------------------------------------------------------------------------------------------ */
 
 /* exp of 8 floats, for x <= 0 (softmax after subtracting the max, SiLU's exp(-|x|)): Cephes'
