@@ -278,9 +278,9 @@ class Engine:
         GPU; a string names another backend). Shapes are made static for it: every step attends over
         the whole cache under the mask, and each batch size compiles once. It pays most where a
         step is launch-bound: a GPU, or small models on a CPU (bench/decode.py on this project's
-        CPU: batch 1 about 1.3-2x faster than eager for dense models and 6-7x for the tiny MoE
-        one, whose eager step is all overhead). Each new batch size compiles for 10-40 s, so the
-        default is off. The server's continuous batch (Scheduler) always runs eagerly.
+        CPU, batch 1: 1.0-1.3x the eager step for the dense models and 2.5x for the tiny MoE one,
+        now that the eager step runs its blocks in C (model/cpu_kernels.decode_block); at batch
+        16 0.7x and 1.1x). Each new batch size compiles for 10-40 s, so the default is off. The server's continuous batch (Scheduler) always runs eagerly.
 
         `freeze` (with compile=True, on a CPU): inductor's freezing -- the weights become constants
         of the compiled step, prepacked for the CPU's GEMM kernels (dense batch-1 decoding about
