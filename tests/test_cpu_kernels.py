@@ -213,7 +213,7 @@ def test_a_compiled_decode_step_has_no_graph_breaks_with_packed_copies_attached(
     assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]
 
 
-def _dense(model_type: str, **kw) -> Transformer:
+def _random_model(model_type: str, **kw) -> Transformer:
     torch.manual_seed(0)
     if model_type == "deepseek_v3":  # MLA + a dense first layer + MoE layers
         cfg = ModelConfig.preset("tiny", vocab_size=300, **kw)
@@ -242,7 +242,7 @@ def test_fused_decode_block_equals_the_torch_block(family, rows, monkeypatch):
     DeepSeek: MLA absorbed, then the dense MLP in C or the MoE in torch). Same output and same cache
     writes as the block's torch code, rows at different positions, for every layer kind."""
     model_type, kw = FAMILIES[family]
-    model = _dense(model_type, **kw)
+    model = _random_model(model_type, **kw)
     Engine(model)  # fuses q|k|v (q_a|kv_a) and gate|up, packs the weights
     torch.manual_seed(1)
     S = 24
@@ -276,7 +276,7 @@ def test_fused_decode_block_equals_the_torch_block(family, rows, monkeypatch):
 
 @needs_kernels
 def test_fused_decode_block_runs_only_where_it_applies():
-    model = _dense("qwen2")
+    model = _random_model("qwen2")
     Engine(model)
     block = model.model.layers[0]
     cache = model.new_cache(3, 16)
@@ -293,7 +293,7 @@ def test_fused_decode_block_runs_only_where_it_applies():
         assert cpu_kernels.decode_block(block, torch.randn(3, 2, 64), model.rotary, *args) is None  # two new tokens: a prefill
         assert cpu_kernels.decode_block(block, torch.randn(65, 1, 64), model.rotary, *args) is None  # past the packed rows
         assert cpu_kernels.decode_block(block, x, model.rotary, *args) is not None
-    odd = _dense("qwen2", intermediate_size=100)  # not a multiple of the kernel's 8 floats
+    odd = _random_model("qwen2", intermediate_size=100)  # not a multiple of the kernel's 8 floats
     Engine(odd)
     with torch.inference_mode():
         assert cpu_kernels.decode_block(odd.model.layers[0], x, odd.rotary, *args) is None
@@ -304,7 +304,7 @@ def test_fused_decode_block_runs_only_where_it_applies():
 def test_fused_decode_block_refuses_a_slot_outside_its_row(family):
     """A position past the cache's end would write into the next row's slots: refused, nothing written."""
     model_type, kw = FAMILIES[family]
-    model = _dense(model_type, **kw)
+    model = _random_model(model_type, **kw)
     Engine(model)
     cache = model.new_cache(2, 8)
     x = torch.randn(2, 1, model.config.hidden_size)
@@ -323,7 +323,7 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
     """The engine decodes through the C blocks; tokens and log-probabilities equal the torch path's,
     before and after an optimizer step (GRPO's loop)."""
     model_type, kw = FAMILIES[family]
-    model = _dense(model_type, **kw)
+    model = _random_model(model_type, **kw)
     engine = Engine(model, max_batch_size=8)
     params = SamplingParams(n=3, max_tokens=10, temperature=0)
     lib, calls, names = cpu_kernels.library(), [], set()
@@ -365,7 +365,7 @@ def test_moe_in_training_mode_stays_on_torch_and_counts_expert_load():
     """The balancing bias is updated from the experts' load, counted by training-mode forwards: the C
     MoE half steps aside for them."""
     model_type, kw = FAMILIES["deepseek"]
-    model = _dense(model_type, **kw)
+    model = _random_model(model_type, **kw)
     Engine(model)
     model.train()
     block = model.model.layers[1]  # a MoE layer
