@@ -12,6 +12,7 @@ import dataclasses
 import math
 import random
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -209,17 +210,29 @@ def test_update_with_shared_prompts_takes_the_same_step_and_only_on_the_plain_mo
     rollout.rewards = torch.tensor([float(i % 3 == 0) for i in range(4 * G)])
     rollout.advantages = group_advantages(rollout.rewards, G, "group")
 
+    passes = []
+
+    class CountedPass(grpo.PromptPass):
+        def __init__(self, *a, **k):
+            passes.append(1)
+            super().__init__(*a, **k)
+
     def one_step(share: bool):
         model = copy.deepcopy(base)
         cfg = dataclasses.replace(config, share_prompts=share)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the gradient (Adam would amplify rounding)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         assert grpo.can_share_prompts(cfg, model, model) is share
-        grpo._update(cfg, model, model, opt, sched, rollout, minibatch=len(rollout), micro=6, world_size=1, step=0)
+        with mock.patch.object(grpo, "PromptPass", CountedPass):
+            out = grpo._update(cfg, model, model, opt, sched, rollout, minibatch=len(rollout), micro=6, world_size=1,
+                               step=0)
+        assert out["update/rows"] == len(rollout)  # every row trained, in buckets of at most 6
         return model
 
     moved = 0.0
-    for a, b, c in zip(one_step(False).parameters(), one_step(True).parameters(), base.parameters()):
+    unshared, shared = one_step(False), one_step(True)
+    assert len(passes) == 1  # the prompts ran once for the minibatch's three buckets, their gradients summed
+    for a, b, c in zip(unshared.parameters(), shared.parameters(), base.parameters()):
         assert (a - b).abs().max().item() < 1e-6
         moved = max(moved, (a - c).abs().max().item())
     assert moved > 1e-4  # the step did something
@@ -261,9 +274,12 @@ def test_bucketed_trimmed_logprobs_equal_one_padded_batch(tok):
     with torch.no_grad():
         whole, _ = completion_logprobs(model, rollout, config.temperature)
         pieces = grpo.rollout_logprobs(model, rollout, config.temperature, micro_batch_size=3)
+        # each prompt once for all buckets, the completions in buckets by their own length
+        shared = grpo.rollout_logprobs(model, rollout, config.temperature, micro_batch_size=3, share_prompts=True)
     mask = rollout.completion_mask.bool()
     assert (whole - pieces).abs()[mask].max().item() < 1e-5
-    assert (pieces[~mask] == 0).all()
+    assert (whole - shared).abs()[mask].max().item() < 1e-5
+    assert (pieces[~mask] == 0).all() and (shared[~mask] == 0).all()
 
 
 @pytest.mark.parametrize("flat_groups", [[0, 2], [0, 1, 2, 3]])

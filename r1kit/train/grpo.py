@@ -382,19 +382,22 @@ def prompt_fn_for(template: str, tokenizer, suffix: str = "") -> Callable[[dict]
 
 
 def completion_logprobs(model, rollout: Rollout, temperature: float, entropy: bool = False,
-                        share_prompts: bool = False):
+                        share_prompts: bool = False, prompts: "PromptPass | None" = None):
     """log pi(o_t | q, o_<t) for every completion token of `rollout`.
 
     Each row is prompt + completion, right-padded to the longest row (right padding cannot change
     a causal model's earlier positions). Position p's logits predict token p + 1, so completion
     token j of a row whose prompt has P tokens is read at position P - 1 + j. Log-probs are of
     softmax(logits / temperature), the distribution the engine sampled from.
-    `share_prompts`: rows with the same prompt run it once (see shared_prompt_logits).
+    `prompts`: the rows' prompts already ran (a PromptPass); only the completions run here.
+    `share_prompts`: rows with the same prompt run it once, here (a PromptPass of these rows).
     Returns (logprobs (B, C), entropy (B, C) or None) with C = rollout.completion_ids.shape[1].
     """
     device = next(model.parameters()).device
-    if share_prompts and len({tuple(p) for p in rollout.prompt_ids}) < len(rollout):
-        logits = shared_prompt_logits(model, rollout)
+    if prompts is None and share_prompts and len({tuple(p) for p in rollout.prompt_ids}) < len(rollout):
+        prompts = PromptPass(model, rollout.prompt_ids, rollout.completion_ids.shape[1], cut=False)
+    if prompts is not None:
+        logits = prompts.logits(rollout)
     else:
         B, C = rollout.completion_ids.shape
         prompt_lens = torch.tensor([len(p) for p in rollout.prompt_ids])
@@ -415,41 +418,71 @@ def completion_logprobs(model, rollout: Rollout, temperature: float, entropy: bo
     return logprobs, ent
 
 
-def shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor:
-    """The logits of completion_logprobs, with each distinct prompt run once for all its rows.
+class PromptPass:
+    """Each distinct prompt of a set of rows, run once into a KV cache, for the rows' completions to
+    continue from (`share_prompts`).
 
     A GRPO group's completions share their prompt; a padded forward runs that prompt once per
     completion, and with short completions the prompt is a large share of the tokens. Here the
-    prompts run once each into a KV cache (the model's own decoding path, with gradients on), the
-    cache's rows are copied to the completions (gradients flow back through the copy into the one
-    prompt pass), and the completions run after them at positions P.. . The logits of completion
-    token 0 come from the prompt's last position, those of token j > 0 from completion token j-1;
-    a completion's last token predicts nothing needed and is left out. Same values as the padded
-    forward up to float rounding.
+    distinct prompts run once (the model's own decoding path, with gradients on), and any subset of
+    the rows -- a length bucket of the update -- runs its completions on a copy of its prompts'
+    cache rows, at positions P.. . The logits of completion token 0 come from the prompt's last
+    position, those of token j > 0 from completion token j - 1; a completion's last token predicts
+    nothing needed and is left out. Same values and gradients as the padded forward up to rounding.
+
+    `cut=True` (the update, which runs several buckets, each with its own backward): the pass's
+    outputs -- each layer's cache and the prompts' last logits -- are cut from its graph, every
+    bucket's backward leaves its gradient on them, and `backward()` then sends the sum back through
+    the prompt pass once. `cut=False`: one graph, for a caller that backpropagates once.
     """
-    device = next(model.parameters()).device
-    B, C = rollout.completion_ids.shape
-    prompts: dict[tuple, int] = {}
-    of_row = torch.tensor([prompts.setdefault(tuple(p), len(prompts)) for p in rollout.prompt_ids], device=device)
-    distinct = [list(p) for p in prompts]
-    lens = torch.tensor([len(p) for p in distinct], device=device)
-    P = int(lens.max())
-    ids = torch.zeros(len(distinct), P, dtype=torch.long)
-    for i, p in enumerate(distinct):
-        ids[i, :len(p)] = torch.as_tensor(p)
-    cache = model.new_cache(len(distinct), P + C)
-    positions = torch.arange(P, device=device).expand(len(distinct), P)
-    first = model(ids.to(device), positions=positions, cache=cache, kv_len=P, logits_at=(lens - 1).unsqueeze(1))
-    first = first[of_row]  # (B, 1, V): completion token 0 of each row
-    if C == 1:
-        return first
-    rows = Cache([tuple(t.index_select(0, of_row) for t in layer) if isinstance(layer, tuple)
-                  else layer.index_select(0, of_row) for layer in cache.layers], cache.max_seq_len)
-    start = lens[of_row].unsqueeze(1)  # each row's first completion slot
-    tokens = rollout.completion_ids[:, :C - 1].clone()  # a normal tensor: rollouts are made under inference_mode
-    rest = model(tokens.to(device), positions=start + torch.arange(C - 1, device=device),
-                 cache=rows, kv_len=int(start.max()) + C - 1)  # (B, C - 1, V)
-    return torch.cat([first, rest], dim=1)
+
+    def __init__(self, model, prompt_ids: Sequence[Sequence[int]], max_completion: int, cut: bool = True):
+        self.model = model
+        device = next(model.parameters()).device
+        self.index: dict[tuple, int] = {}
+        for p in prompt_ids:
+            self.index.setdefault(tuple(p), len(self.index))
+        distinct = list(self.index)
+        self.lens = torch.tensor([len(p) for p in distinct], device=device)
+        self.P = int(self.lens.max())
+        ids = torch.zeros(len(distinct), self.P, dtype=torch.long)
+        for i, p in enumerate(distinct):
+            ids[i, :len(p)] = torch.as_tensor(p)
+        cache = model.new_cache(len(distinct), self.P + max(max_completion - 1, 0))
+        positions = torch.arange(self.P, device=device).expand(len(distinct), self.P)
+        first = model(ids.to(device), positions=positions, cache=cache, kv_len=self.P,
+                      logits_at=(self.lens - 1).unsqueeze(1))  # (n, 1, V): completion token 0 of each prompt
+        self._outputs = [first] + [t for layer in cache.layers for t in (layer if isinstance(layer, tuple) else (layer,))]
+        self._cut = cut and torch.is_grad_enabled()
+        self._leaves = [t.detach().requires_grad_() for t in self._outputs] if self._cut else self._outputs
+        self.first, flat = self._leaves[0], iter(self._leaves[1:])
+        self.layers = [tuple(next(flat) for _ in layer) if isinstance(layer, tuple) else next(flat)
+                       for layer in cache.layers]
+
+    def logits(self, rollout: Rollout) -> torch.Tensor:
+        """(B, C, V): the logits that predict each completion token of `rollout`'s rows."""
+        device = self.lens.device
+        of_row = torch.tensor([self.index[tuple(p)] for p in rollout.prompt_ids], device=device)
+        C = rollout.completion_ids.shape[1]
+        first = self.first[of_row]
+        if C == 1:
+            return first
+        S = self.P + C - 1  # the slots this bucket uses: a copy of only those
+        rows = Cache([tuple(t[:, :S].index_select(0, of_row) for t in layer) if isinstance(layer, tuple)
+                      else layer[:, :S].index_select(0, of_row) for layer in self.layers], S)
+        start = self.lens[of_row].unsqueeze(1)  # each row's first completion slot
+        tokens = rollout.completion_ids[:, :C - 1].clone()  # a normal tensor: rollouts are made under inference_mode
+        rest = self.model(tokens.to(device), positions=start + torch.arange(C - 1, device=device),
+                          cache=rows, kv_len=int(start.max()) + C - 1)  # (B, C - 1, V)
+        return torch.cat([first, rest], dim=1)
+
+    def backward(self) -> None:
+        """After every bucket's backward: their summed gradients, back through the prompt pass."""
+        if self._cut:
+            pairs = [(out, leaf.grad) for out, leaf in zip(self._outputs, self._leaves) if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        self._outputs = self._leaves = self.layers = self.first = None  # the graph and the cache go now
 
 
 def length_buckets(rows: list[int], lengths: list[int], max_rows: int, overhead_tokens: int = 64) -> list[list[int]]:
@@ -477,6 +510,23 @@ def length_buckets(rows: list[int], lengths: list[int], max_rows: int, overhead_
     return buckets[::-1]
 
 
+def _prompt_pass(model, rollout: Rollout, rows: list[int]) -> PromptPass | None:
+    """A PromptPass over `rows` when some of them share a prompt, else None (nothing to share)."""
+    prompt_ids = [rollout.prompt_ids[r] for r in rows]
+    if len({tuple(p) for p in prompt_ids}) == len(prompt_ids):
+        return None
+    width = max(1, int(rollout.completion_mask[rows].sum(1).max()))
+    return PromptPass(model, prompt_ids, width)
+
+
+def _buckets(rollout: Rollout, rows: list[int], max_rows: int, prompts: PromptPass | None) -> list[list[int]]:
+    """Length buckets of `rows`. After a PromptPass only the completions run per bucket, so they are
+    sorted by completion length; else by prompt + completion."""
+    if prompts is None:
+        return length_buckets(rows, rollout.lengths(), max_rows)
+    return length_buckets(rows, rollout.completion_mask.sum(1).long().tolist(), max_rows)
+
+
 @torch.no_grad()
 def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int,
                      share_prompts: bool = False) -> torch.Tensor:
@@ -484,10 +534,12 @@ def rollout_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
     was_training = model.training
     model.eval()
     out = torch.zeros_like(rollout.completion_mask)
-    for rows in length_buckets(list(range(len(rollout))), rollout.lengths(), micro_batch_size):
-        part = rollout.select(rows).trimmed()
-        lp, _ = completion_logprobs(model, part, temperature, share_prompts=share_prompts)
-        out[rows, :lp.shape[1]] = lp.float().cpu() * part.completion_mask
+    rows = list(range(len(rollout)))
+    prompts = _prompt_pass(model, rollout, rows) if share_prompts else None
+    for bucket in _buckets(rollout, rows, micro_batch_size, prompts):
+        part = rollout.select(bucket).trimmed()
+        lp, _ = completion_logprobs(model, part, temperature, prompts=prompts)
+        out[bucket, :lp.shape[1]] = lp.float().cpu() * part.completion_mask
     model.train(was_training)
     return out
 
@@ -864,8 +916,10 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 if not train_rows:  # one short row still runs: its zero gradient steps Adam as the full pass would
                     train_rows = [min(mb_rows, key=lengths.__getitem__)]
                 rows_skipped += len(mb_rows) - len(train_rows)
-                chunks = length_buckets(train_rows, lengths, micro)
+                prompts = _prompt_pass(train_model, rollout, train_rows) if share else None
+                chunks = _buckets(rollout, train_rows, micro, prompts)
             else:
+                prompts = _prompt_pass(train_model, rollout, mb_rows) if share else None
                 chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
             for rows in chunks:
                 rows_trained += len(rows)
@@ -873,7 +927,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 part = rollout.select(rows).trimmed()
                 device = next(model.parameters()).device
                 logprobs, ent = completion_logprobs(train_model, part, config.temperature, entropy=True,
-                                                    share_prompts=share)
+                                                    prompts=prompts)
                 mask = part.completion_mask.to(device)
                 loss, m = policy_loss(
                     logprobs, part.old_logprobs.to(device), part.advantages.to(device), mask,
@@ -896,6 +950,8 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
+            if prompts is not None:
+                prompts.backward()  # the buckets' gradients, through the one prompt pass
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             if bad or not torch.isfinite(grad_norm):
                 # skip: no optimizer step, no scheduler step; Adam's moments and the weights stay clean
@@ -924,7 +980,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
 
 
 def can_share_prompts(config, model, train_model) -> bool:
-    """Whether the update may run each prompt once for its rows (shared_prompt_logits): on the plain
+    """Whether the update may run each prompt once for its rows (PromptPass): on the plain
     model only, and not under torch.distributed -- a compiled forward, DDP and FSDP expect one
     forward per backward; activation checkpointing would write the KV cache again when it
     recomputes -- and not when a sequence-wise balance loss is on (it reads each forward's routing
