@@ -297,11 +297,13 @@ class Engine:
         # fused projections and transposed weights (model/fuse.py), in place: a CPU BLAS layout. Not on a
         # GPU, where cuBLAS takes either layout and the column views would not suit fused AdamW's kernel
         if fuse and next(model.parameters()).device.type == "cpu":
-            prepare_for_decode(model)
             if pack_weights is None:
                 pack_weights = cpu_kernels.linear_bytes(model) <= cpu_kernels.AUTO_BYTES
-            if pack_weights and not compile:
-                cpu_kernels.attach(model)
+            prepare_for_decode(model, transpose=False)
+            if not (pack_weights and not compile and cpu_kernels.attach(model)):
+                # torch's products decode: transposed storage suits them. Packed copies read any
+                # layout, and the weights keep theirs, which training (GRPO's update) prefers
+                prepare_for_decode(model)
         self.model = model  # switched to eval mode only while generating (see eval_mode)
         self.tokenizer = tokenizer
         self.config = model.config

@@ -46,20 +46,28 @@ def test_fused_decode_equals_plain(family):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
-def test_training_through_fused_weights(family):
-    """Gradients flow to every layer (the fused product is used only without grad), and an optimizer
-    step on the views updates what the fused decode reads."""
+def test_training_through_fused_weights(family, monkeypatch):
+    """With gradients on, the fused product runs as one op (_FusedLinear) and every layer gets the
+    gradient the plain model gives it, contiguous (autograd would otherwise copy a transposed one
+    at every backward); an optimizer step on the views updates what the fused decode reads."""
+    from r1kit.model import fuse
+
     plain, fused = _pair(family)
     plain.train()
     fused.train()
+    calls = []
+    apply = fuse._FusedLinear.apply
+    monkeypatch.setattr(fuse._FusedLinear, "apply", lambda *a: calls.append(1) or apply(*a))
     ids = torch.randint(0, plain.config.vocab_size, (2, 9))
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, fused)]
     for model, opt in zip((plain, fused), opts):
         model.loss(ids)["loss"].backward()
         opt.step()
+    assert len(calls) >= 2 * plain.config.num_hidden_layers  # attention's and the dense MLP's, every layer
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
         assert p.grad is not None and q.grad is not None, name
         assert (p.grad - q.grad).abs().max().item() < 1e-5, name
+        assert q.grad.is_contiguous() or q.grad.stride() == q.stride(), name
     plain.eval()
     fused.eval()
     with torch.inference_mode():
@@ -100,3 +108,27 @@ def test_quantizing_after_prepare_uses_the_quantized_layers():
     ids = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert (plain(ids) - fused(ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_engine_transposes_weights_only_for_torchs_products(family):
+    """An engine that packs its weights (cpu_kernels) leaves the unfused ones in their layout, which
+    the training that shares them (GRPO) prefers; MLA's kv_b_proj, read in place by the C decode
+    block, is transposed either way. Without packing, transposed storage speeds torch's products."""
+    from r1kit.engine import Engine
+    from r1kit.model import cpu_kernels
+
+    plain, _ = _pair(family)
+    packed, unpacked = copy.deepcopy(plain), copy.deepcopy(plain)
+    Engine(packed, max_batch_size=2, max_seq_len=16)
+    Engine(unpacked, max_batch_size=2, max_seq_len=16, pack_weights=False)
+    attn = packed.model.layers[0].self_attn
+    transposed = lambda w: w.stride(0) == 1 and w.shape[0] > 1  # noqa: E731
+    if cpu_kernels.library() is not None:
+        assert attn.o_proj.weight.is_contiguous() and packed.model.embed_tokens.weight.is_contiguous()
+    assert transposed(unpacked.model.layers[0].self_attn.o_proj.weight)
+    if family == "deepseek_v3":
+        assert transposed(attn.kv_b_proj.weight) and transposed(unpacked.model.layers[0].self_attn.kv_b_proj.weight)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (packed(ids) - plain(ids)).abs().max().item() < 1e-5

@@ -9,9 +9,11 @@ stored (out, in), PyTorch's usual layout, is markedly slower for one row of x).
 
 - projections that read the same input (q/k/v; gate/up; MLA's q_a and kv_a) are stored as one
   (in, sum(out)) matrix, and each layer's `weight` becomes a view of its block: same name, same
-  shape, same values, no extra memory. Under `no_grad`/`inference_mode` the model runs the fused
-  matrix as one product; with gradients on it runs the layers one by one, so training is unchanged
-  (an optimizer step writes through the views into the fused matrix).
+  shape, same values, no extra memory. The model runs the fused matrix as one product; with
+  gradients on (a trainer that also generates, GRPO) through `_FusedLinear`, whose weight gradient
+  is one product too, cut into each layer's rows. Left to autograd, the gradient of such a view
+  comes out transposed and is copied into each layer's own layout at every backward. An optimizer
+  step writes through the views into the fused matrix.
 - every other linear weight (and a tied embedding that doubles as the output head) is stored
   transposed: `w.t().contiguous().t()`, the same tensor to every reader.
 
@@ -61,8 +63,11 @@ class Fused:
 
     @torch.compiler.assume_constant_result  # a compiled decode step decides once, at trace time
     def usable(self) -> bool:
-        """True when no gradient is needed and every layer's weight and bias still view their block."""
-        if torch.is_grad_enabled():
+        """True when every layer's weight and bias still view their block, and the product may run
+        fused: without gradients, or with them in float32 on a CPU outside torch.compile and autocast
+        (`_FusedLinear`; elsewhere the layers run one by one, as autograd knows them)."""
+        if torch.is_grad_enabled() and (torch.compiler.is_compiling() or self.weight.device.type != "cpu"
+                                        or self.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return False
         ptr, step = self.weight.data_ptr(), self.weight.element_size()
         for name, lin, off, no_bias in zip(self.names, self.linears, self.offsets, self.bias_free):
@@ -78,11 +83,43 @@ class Fused:
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            params = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears if lin.bias is not None]
+            if x.requires_grad or any(p.requires_grad for p in params):
+                return _FusedLinear.apply(x, self.weight, self.bias, self.sizes, [lin.bias is not None for lin in self.linears],
+                                          *params)
         if self.packed is not None and self.packed.accepts(x, self.weight):
             # the layers' weights are views of the fused matrix with their own version counters:
             # an optimizer step on them is seen through theirs, not the matrix's
             return self.packed(x, self.weight, self.bias, tuple(version(lin.weight) for lin in self.linears))
         return F.linear(x, self.weight, self.bias)
+
+
+class _FusedLinear(torch.autograd.Function):
+    """F.linear(x, fused weight, fused bias) with gradients for the layers whose weights (and biases)
+    view the fused matrix: `params` are those weights, then the biases there are. Backward is two
+    products: dx = dy W, and dW = dy^T x as one (sum(out), in) matrix whose row blocks are each
+    layer's gradient, contiguous, as autograd wants it for a view that is not itself dense."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, has_bias, *params):
+        ctx.save_for_backward(x, weight)
+        ctx.sizes, ctx.has_bias = sizes, has_bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = (dy2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        n_weights = len(ctx.sizes)
+        grads = [None] * (len(ctx.needs_input_grad) - 5)
+        if any(ctx.needs_input_grad[5:5 + n_weights]):
+            grads[:n_weights] = (dy2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
+        if len(grads) > n_weights:  # the biases there are, in the layers' order
+            db = dy2.sum(0).split(ctx.sizes)
+            grads[n_weights:] = [d for d, has in zip(db, ctx.has_bias) if has]
+        return (dx, None, None, None, None, *grads)
 
 
 def _transpose_storage(param: nn.Parameter) -> None:
@@ -91,9 +128,13 @@ def _transpose_storage(param: nn.Parameter) -> None:
             param.data = param.data.t().contiguous().t()
 
 
-def prepare_for_decode(model: nn.Module) -> nn.Module:
+def prepare_for_decode(model: nn.Module, transpose: bool = True) -> nn.Module:
     """Fuse and transpose the model's linear weights in place (see the module docstring). Safe to
-    call twice; skipped under torch.distributed (DDP/FSDP own the parameters' layout)."""
+    call twice; skipped under torch.distributed (DDP/FSDP own the parameters' layout).
+    `transpose=False` leaves the unfused weights as they are, but MLA's kv_b_proj, which the C
+    decode block reads in place: for an engine whose few-row products run on packed copies
+    (model/cpu_kernels.py), which read either layout, while fused AdamW on a CPU copies every
+    transposed weight at every step."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -118,6 +159,11 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             module.fused = Fused(module, names)
     fused_ids = {id(lin.weight) for m in model.modules() if getattr(m, "fused", None) is not None
                  for lin in m.fused.linears}
+    if not transpose:
+        for module in model.modules():
+            if isinstance(module, MLAttention) and type(module.kv_b_proj) is nn.Linear:
+                _transpose_storage(module.kv_b_proj.weight)
+        return model
     for module in model.modules():
         if type(module) is nn.Linear and id(module.weight) not in fused_ids:
             _transpose_storage(module.weight)
