@@ -355,6 +355,9 @@ def main() -> int:
             work = [step_work(t[5], B, prompt_len, args.num_generations) for t in (r1_times[1:] or r1_times)]
             floor = statistics.median(sum(w[k] * per_token[k] for k in w) for w in work)
             floor_peak = statistics.median(sum(w[k] * flops_per_token[k] for k in w) / peak for w in work)
+            # the same floor per phase: which of r1kit's two phases is further from its products
+            floor_gen, floor_upd = (statistics.median(sum(w[k] * per_token[k] for k in w if k.startswith(phase))
+                                                      for w in work) for phase in ("gen_", "upd_"))
             figures[size] = {
                 "params_m": round(n_params / 1e6, 2), "r1kit_s_per_step": round(r1_step, 3),
                 "trl_s_per_step": round(trl_step, 3), "step_speedup": round(trl_step / r1_step, 2),
@@ -383,6 +386,7 @@ def main() -> int:
                 # would still be at most this much faster than TRL; at the best GEMM speed, the second
                 "step_speedup_cap": round(trl_step / floor, 2), "step_speedup_cap_at_peak": round(trl_step / floor_peak, 2),
                 "r1kit_share_of_floor": round(floor / r1_step, 2),
+                "floor_generate_s": round(floor_gen, 3), "floor_update_s": round(floor_upd, 3),
             }
             f = figures[size]
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
@@ -397,7 +401,9 @@ def main() -> int:
             print(f"[{size}] floor: the step's unavoidable weight products alone take {floor:.3f} s on this machine's GEMM "
                   f"kernels ({floor_peak:.3f} s if every product ran at the best {peak / 1e9:.1f} GFLOP/s measured here) -> "
                   f"an implementation that ran nothing else would be {f['step_speedup_cap']:.2f}x TRL's step "
-                  f"({f['step_speedup_cap_at_peak']:.2f}x); r1kit's step takes {1 / f['r1kit_share_of_floor']:.2f}x that floor", flush=True)
+                  f"({f['step_speedup_cap_at_peak']:.2f}x); r1kit's step takes {1 / f['r1kit_share_of_floor']:.2f}x that floor "
+                  f"(generation {r1_gen / floor_gen:.2f}x its {floor_gen:.3f} s, update {r1_upd / floor_upd:.2f}x its "
+                  f"{floor_upd:.3f} s)", flush=True)
             print(f"[{size}] compiled update: {comp_step:.3f} s/step -> {f['step_speedup_compiled']:.2f}x TRL; "
                   f"all {args.steps} steps incl. compiling {comp_total:.1f} s vs eager {f['r1kit_total_s']} s vs TRL "
                   f"{f['trl_total_s']} s; pass@1 {f['r1kit_compiled_pass1']}%", flush=True)
