@@ -3,9 +3,12 @@ number of steps, in one run, for a tiny Qwen2 (hidden 256, 4 layers) and a ~25M 
 
     python bench/grpo_vs_trl.py                 # both sizes
     python bench/grpo_vs_trl.py --sizes tiny --steps 6
+    python bench/grpo_vs_trl.py --pretrain-steps tiny=200,25m=100   # a base that does not depend on the machine's load
 
 For each size:
-1. a base: a Qwen2 with r1kit's char tokenizer, briefly pretrained (by r1kit) on one-digit additions
+1. a base: a Qwen2 with r1kit's char tokenizer, briefly pretrained (by r1kit, for a fixed time by default:
+   on a busy machine the base gets fewer steps, is weaker, and more of its groups have no reward signal,
+   which r1kit's update skips and TRL's does not; `--pretrain-steps` fixes the steps instead) on one-digit additions
    whose worked solutions come half from a solver that forgets the carry, saved as a Hugging Face
    folder - transformers loads it for TRL, r1kit for r1kit: both start from the same weights;
 2. GRPO with identical settings: `num_generations`, prompts per step, `max_completion_length`,
@@ -158,13 +161,15 @@ def step_work(h: dict, rows: int, prompt_len: int, group: int) -> dict[str, floa
             "upd_body": completion + -(-trained_rows // group) * prompt_len, "upd_head": completion}
 
 
-def pretrain(model, tok, rows, seconds: float, lr: float) -> int:
+def pretrain(model, tok, rows, seconds: float, lr: float, max_steps: int | None = None) -> int:
+    """`seconds` of pretraining, or exactly `max_steps` steps when given (a base that does not depend on
+    how busy the machine is)."""
     rng = random.Random(0)
     eos = tok.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     start, step = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    while (step < max_steps) if max_steps is not None else (time.perf_counter() - start < seconds):
         batch = []
         for s in (rng.choice(rows) for _ in range(32)):
             steps, answer = TASK.worked_solution(s, sloppy=rng.random() < 0.5)
@@ -293,6 +298,9 @@ def main() -> int:
     ap.add_argument("--learning-rate", default="tiny=2e-4,25m=3e-5",
                     help="GRPO learning rate per size (2e-4 collapsed the 25M model on both sides)")
     ap.add_argument("--pretrain-seconds", default="tiny=90,25m=300")
+    ap.add_argument("--pretrain-steps", default=None,
+                    help="e.g. tiny=200,25m=100: a fixed number of pretraining steps instead of seconds, so that "
+                         "runs on a busy machine start from the same base")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared 2-core machine)")
     args = ap.parse_args()
@@ -302,6 +310,7 @@ def main() -> int:
     keep_freed_memory()
     warnings.filterwarnings("ignore")
     budgets = dict(kv.split("=") for kv in args.pretrain_seconds.split(","))
+    fixed_steps = dict(kv.split("=") for kv in args.pretrain_steps.split(",")) if args.pretrain_steps else {}
     rates = dict(kv.split("=") for kv in args.learning_rate.split(","))
     train, held_out, everything = problems()
     tok = train_tokenizer([], kind="char")
@@ -316,7 +325,8 @@ def main() -> int:
                               pad_token_id=tok.pad_token_id, **SIZES[size])
             model = Transformer(cfg)
             n_params = model.num_parameters()
-            steps = pretrain(model, tok, everything, float(budgets[size]), lr=1e-3 if size == "25m" else 2e-3)
+            steps = pretrain(model, tok, everything, float(budgets[size]), lr=1e-3 if size == "25m" else 2e-3,
+                             max_steps=int(fixed_steps[size]) if size in fixed_steps else None)
             # the floor's yardsticks, measured now on this machine: the best GEMM speed, and the weight
             # products alone per token at the batch generation runs (all rows) and at 2048 rows (update)
             blocks, head = weight_matrices(model)
