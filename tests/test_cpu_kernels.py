@@ -2,6 +2,7 @@
 apply, repacked when the weights change, and everything still runs without them."""
 import pytest
 import torch
+from torch import nn
 import torch.nn.functional as F
 
 from r1kit.engine import Engine, SamplingParams
@@ -317,6 +318,84 @@ def test_fused_decode_block_refuses_a_slot_outside_its_row(family):
     assert all(t.abs().sum() == 0 for t in (layer if isinstance(layer, tuple) else (layer,)))
 
 
+def _decode_step_both_ways(model, rows, S=24, monkeypatch=None):
+    """One decode step through Transformer.forward with the C paths on (the dense stack where it
+    applies) and off (torch), from the same random cache: (logits, caches) of each."""
+    torch.manual_seed(1)
+    positions = torch.tensor([[3 + 4 * i] for i in range(rows)])
+    ids = torch.randint(0, model.config.vocab_size, (rows, 1))
+    caches = [model.new_cache(rows, S) for _ in range(2)]
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        for x, y in zip(a, b):
+            x.normal_()
+            y.copy_(x)
+    with torch.inference_mode():
+        ours = model(ids, positions=positions, cache=caches[0], kv_len=int(positions.max()) + 1)
+        monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
+        ref = model(ids, positions=positions, cache=caches[1], kv_len=int(positions.max()) + 1)
+        monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)
+    return (ours, caches[0]), (ref, caches[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "llama_untied"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_dense_stack_equals_the_torch_blocks_and_follows_changes(family, rows, monkeypatch):
+    """cpu_kernels.decode_stack: every block of a dense model in one C call per step. Same logits and
+    cache writes as torch's blocks; after an in-place weight change it packs again, and after a
+    layer is replaced by another kind it steps aside (the blocks run one by one)."""
+    model_type, kw = FAMILIES[family]
+    model = _random_model(model_type, **kw)
+    Engine(model)
+    lib, calls = cpu_kernels.library(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            if name != "r1_dense_decode_stack":
+                return fn
+
+            def stack(*args):
+                calls.append(args[3])  # layers in the call
+                return fn(*args)
+            return stack
+
+    monkeypatch.setattr(cpu_kernels, "_LIB", Spy())
+
+    def agree():
+        (ours, oc), (ref, rc) = _decode_step_both_ways(model, rows, monkeypatch=monkeypatch)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        for a, b in zip(oc.layers, rc.layers):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+    agree()
+    assert calls == [model.config.num_hidden_layers]
+    with torch.no_grad():  # an in-place write: the plan's fingerprint changes, the weights are packed again
+        model.model.layers[1].mlp.down_proj.weight.mul_(-2.0)
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.5)
+    agree()
+    assert len(calls) == 2
+    old = model.model.layers[1].self_attn.o_proj
+    swapped = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)  # not packed
+    model.model.layers[1].self_attn.o_proj = swapped
+    agree()
+    assert len(calls) == 2  # the stack stepped aside; the blocks ran one by one
+
+
+@needs_kernels
+def test_dense_stack_refuses_a_slot_outside_its_row():
+    model = _random_model("qwen2")
+    Engine(model)
+    cache = model.new_cache(2, 8)
+    h = torch.randn(2, 1, model.config.hidden_size)
+    cos, sin = model.rotary.cos_sin(torch.tensor([[3], [8]]), h.dtype, bound=16)
+    slots = torch.tensor([3, 8 + 8])  # flat: row 0 position 3, row 1 position 8 of its 8 slots
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside their rows"):
+        cpu_kernels.decode_stack(model, h, cos, sin, cache, slots, 9)
+    assert all(t.abs().sum() == 0 for layer in cache.layers for t in layer)  # no layer wrote anything
+
+
 @needs_kernels
 @pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "deepseek"])
 def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, monkeypatch):
@@ -331,7 +410,7 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            if name not in ("r1_dense_decode_layer", "r1_mla_decode_attention", "r1_moe_block"):
+            if name not in ("r1_dense_decode_stack", "r1_mla_decode_attention", "r1_moe_block"):
                 return fn
 
             def layer(*args):
@@ -351,7 +430,8 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
         calls.clear()
         ours = engine.generate([[1, 2, 3], [4, 5]], params)
         assert calls and set(calls) <= {6, 3, 2}  # every decode step of every layer, on the live rows
-        assert names == ({"r1_mla_decode_attention", "r1_moe_block"} if family == "deepseek" else {"r1_dense_decode_layer"})
+        # a dense model's blocks run in one call per step (DenseStack), a DeepSeek model's per layer
+        assert names == ({"r1_mla_decode_attention", "r1_moe_block"} if family == "deepseek" else {"r1_dense_decode_stack"})
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
         ref = engine.generate([[1, 2, 3], [4, 5]], params)
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)

@@ -381,6 +381,27 @@ int r1_dense_decode_layer(float *h, int64_t M, int64_t Hd, const float *ln1, con
     return 0;
 }
 
+/* Every block of a dense model, in order, for one new token per row: r1_dense_decode_layer for
+ * layers 0..L-1 in one call, so a decode step crosses from Python into C once, not once per layer.
+ * ptrs (L x 10): each layer's ln1, ln2, qkv_w, qkv_b, o_w, o_b, gu_w, down_w, k_cache, v_cache (as
+ * r1_dense_decode_layer takes them; 0 for no bias). Every layer has the same shapes and eps. Returns
+ * 0, or 1 (nothing written) when a slot lies outside its row: every layer's cache has S slots per
+ * row, so layer 0's check is every layer's. */
+int r1_dense_decode_stack(float *h, int64_t M, int64_t Hd, int64_t L, const int64_t *ptrs, float eps, int64_t I,
+                          int64_t H, int64_t Hkv, int64_t D, const float *cos, const float *sin, int64_t S,
+                          const int64_t *slots, int64_t kv_len, float scale, int nt) {
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *p = ptrs + l * 10;
+        int bad = r1_dense_decode_layer(h, M, Hd, (const float *)p[0], (const float *)p[1], eps,
+                                        (const float *)p[2], (const float *)p[3], (const float *)p[4],
+                                        (const float *)p[5], (const float *)p[6], (const float *)p[7], I, H, Hkv,
+                                        D, cos, sin, (float *)p[8], (float *)p[9], S, slots, kv_len, scale, nt);
+        if (bad)
+            return bad;
+    }
+    return 0;
+}
+
 /* The attention half of a DeepSeek block (Multi-head Latent Attention, absorbed), in place:
  *   h += o(mla(rms_norm(h) * ln))
  * as attention.MLAttention with a cache: q = q_b(rms_norm(q_a(x)) * q_ln) (or q(x) when q_b_w is

@@ -118,6 +118,9 @@ def library() -> ctypes.CDLL | None:
     lib.r1_dense_decode_layer.argtypes = [ptr, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                           i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, i32]
     lib.r1_dense_decode_layer.restype = i32
+    lib.r1_dense_decode_stack.argtypes = [ptr, i64, i64, i64, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64,
+                                          ptr, i64, f32, i32]
+    lib.r1_dense_decode_stack.restype = i32
     lib.r1_swiglu_block.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, i32]
     lib.r1_swiglu_block.restype = None
     lib.r1_mla_decode_attention.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
@@ -351,6 +354,113 @@ def _dense_block(block, x, cos, sin, cache, slots, kv_len) -> torch.Tensor | Non
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], slots.data_ptr(), kv_len,
         attn.scale, torch.get_num_threads())
     _check(bad, slots, k_cache.shape[1])
+    return h
+
+
+class DenseStack:
+    """Every block of a dense model (Qwen2, Llama) for one decode step in one C call
+    (r1_dense_decode_stack): the per-layer path (`decode_block`) pays about 0.2 ms of Python per layer
+    to find and check its weights, as much as a tiny model's layer computes at 32 rows.
+
+    Built once (`build`: every layer passes `_dense_block`'s checks, with the same shapes), it keeps
+    each layer's packed weights and pointers. Each step checks, cheaply, that nothing it relies on
+    changed: the same modules in the same places (`links`) and every weight, bias and norm at the
+    same address with the same version (`fingerprint`; an optimizer step changes it). If anything
+    did, the caller builds it again, which packs the changed weights again."""
+
+    def __init__(self, links, tensors, ptrs, dims):
+        self.links, self.tensors = links, tensors
+        self.key = self.fingerprint()
+        self.ptrs = ptrs  # (L, 10) int64: see r1_dense_decode_stack; columns 8-9 (the caches) per step
+        self.dims = dims  # eps, I, H, Hkv, D, scale
+        self.cache_key = None
+
+    def fingerprint(self) -> tuple:
+        return tuple((t.data_ptr(), version(t)) for t in self.tensors)
+
+    def valid(self) -> bool:
+        return all(parent.get(name) is obj for parent, name, obj in self.links) and self.fingerprint() == self.key
+
+    @staticmethod
+    def build(model) -> "DenseStack | None":
+        layers = model.model.layers
+        links, tensors, rows, dims = [(model.model._modules, "layers", layers)], [], [], None
+        for i, block in enumerate(layers):
+            attn, mlp = block.self_attn, block.mlp
+            ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+            fa, fm = getattr(attn, "fused", None), getattr(mlp, "fused", None)
+            if (getattr(attn, "kv_lora_rank", None) is not None or fa is None or fm is None
+                    or type(getattr(attn, "o_proj", None)) is not nn.Linear
+                    or type(getattr(mlp, "down_proj", None)) is not nn.Linear or model.rotary.interleave):
+                return None
+            qkv_w, gu_w = _group(fa), _group(fm)
+            o_w, down_w = _single(attn.o_proj), _single(mlp.down_proj)
+            D, I, Hd = attn.head_dim, mlp.down_proj.in_features, ln1.weight.shape[0]
+            here = (ln1.eps, I, attn.n_heads, attn.n_kv_heads, D, attn.scale)
+            if (qkv_w is None or gu_w is None or o_w is None or down_w is None or D % 8 or I % 8 or Hd % 8
+                    or ln1.eps != ln2.eps or not _f32(ln1.weight, ln2.weight) or (dims is not None and here != dims)):
+                return None
+            dims = here
+            qkv_b = fa.bias
+            o_b = attn.o_proj.bias
+            if (qkv_b is not None and not _f32(qkv_b)) or (o_b is not None and not _f32(o_b)):
+                return None
+            rows.append([ln1.weight.data_ptr(), ln2.weight.data_ptr(), qkv_w.data_ptr(), qkv_b.data_ptr() if qkv_b is not None else 0,
+                         o_w.data_ptr(), o_b.data_ptr() if o_b is not None else 0, gu_w.data_ptr(), down_w.data_ptr(), 0, 0])
+            links += [(layers._modules, str(i), block), (block._modules, "self_attn", attn), (block._modules, "mlp", mlp),
+                      (block._modules, "input_layernorm", ln1), (block._modules, "post_attention_layernorm", ln2)]
+            for parent, fused in ((attn, fa), (mlp, fm)):
+                links += [(parent._modules, name, lin) for name, lin in zip(fused.names, fused.linears)]
+            links += [(attn._modules, "o_proj", attn.o_proj), (mlp._modules, "down_proj", mlp.down_proj)]
+            for lin in (*fa.linears, attn.o_proj, *fm.linears, mlp.down_proj):
+                tensors += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+            tensors += [ln1.weight, ln2.weight]
+        if not rows:
+            return None
+        return DenseStack(links, tensors, torch.tensor(rows, dtype=torch.int64), dims)
+
+    def set_cache(self, cache) -> bool:
+        """Point the plan at `cache`'s layers; False if one is not a contiguous float32 (k, v) pair."""
+        key = tuple(t.data_ptr() for layer in cache.layers for t in layer)
+        if key != self.cache_key:
+            for i, layer in enumerate(cache.layers):
+                if not isinstance(layer, tuple) or len(layer) != 2 or not _f32(*layer):
+                    return False
+                self.ptrs[i, 8], self.ptrs[i, 9] = layer[0].data_ptr(), layer[1].data_ptr()
+            self.cache_key = key
+        return True
+
+
+def decode_stack(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slots: torch.Tensor,
+                 kv_len: int) -> torch.Tensor | None:
+    """Every block of `model` for one new token per row, h (B, 1, hidden) -> (B, 1, hidden), in one C
+    call (DenseStack), in place on h; None where it does not apply (the caller runs the blocks one by
+    one, each through `decode_block` or torch): where `decode_block` would not run, or a model
+    that is not dense, or layers that differ in shape."""
+    if (not FUSED_LAYERS or h.shape[1] != 1 or kv_len is None or slots is None or library() is None
+            or torch.is_grad_enabled() or torch.compiler.is_compiling() or h.dtype != torch.float32
+            or h.device.type != "cpu" or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)):
+        return None
+    B, _, Hd = h.shape
+    if B > MAX_ROWS:
+        return None
+    stack = model.__dict__.get("_dense_stack")
+    if stack is None or not stack.valid():
+        stack = DenseStack.build(model)
+        model.__dict__["_dense_stack"] = stack  # None: not a dense model the C blocks can run; built again next step
+        if stack is None:
+            return None
+    k0 = cache.layers[0][0] if isinstance(cache.layers[0], tuple) else None
+    if k0 is None or k0.shape[0] != B or not stack.set_cache(cache):
+        return None
+    eps, I, H, Hkv, D, scale = stack.dims
+    cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
+    slots = slots.contiguous()
+    S = k0.shape[1]
+    bad = library().r1_dense_decode_stack(h.data_ptr(), B, Hd, len(stack.ptrs), stack.ptrs.data_ptr(), eps, I, H, Hkv,
+                                          D, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(), kv_len, scale,
+                                          torch.get_num_threads())
+    _check(bad, slots, S)
     return h
 
 

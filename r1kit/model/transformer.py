@@ -14,7 +14,7 @@ from torch import nn
 
 from r1kit.model.attention import GQAttention, MLAttention, cache_slots
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import decode_block, linear, project
+from r1kit.model.cpu_kernels import decode_block, decode_stack, linear, project
 from r1kit.model.layers import MLP, RMSNorm, Rotary
 from r1kit.model.moe import MoE
 
@@ -148,19 +148,24 @@ class Transformer(nn.Module):
             if kv_len > cache.max_seq_len:
                 raise ValueError(f"sequence of {kv_len} tokens exceeds the cache ({cache.max_seq_len} slots)")
             slots = cache_slots(positions, cache.max_seq_len)
-            visible = torch.arange(kv_len, device=input_ids.device) <= positions.unsqueeze(-1)
         h = self.model.embed_tokens(input_ids)
-        if cache is not None:  # additive, in the activations' dtype: SDPA would convert a bool mask in every layer
-            mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
-            mask = mask.unsqueeze(1)  # (B, 1, T, S)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, bound=cache.max_seq_len if cache is not None else None)
-        for i, block in enumerate(self.model.layers):
-            layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(block, h, self.rotary, cos, sin, mask, layer_cache,
-                                                      slots, kv_len, use_reentrant=False)
-            else:
-                h = block(h, self.rotary, cos, sin, mask, layer_cache, slots, kv_len)
+        # decoding a dense model on a CPU: every block in one C call where it applies
+        stacked = decode_stack(self, h, cos, sin, cache, slots, kv_len) if cache is not None and T == 1 else None
+        if stacked is not None:
+            h = stacked
+        else:
+            if cache is not None:  # additive, in the activations' dtype: SDPA would convert a bool mask in every layer
+                visible = torch.arange(kv_len, device=input_ids.device) <= positions.unsqueeze(-1)
+                mask = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill_(~visible, float("-inf"))
+                mask = mask.unsqueeze(1)  # (B, 1, T, S)
+            for i, block in enumerate(self.model.layers):
+                layer_cache = cache.layers[i] if cache is not None else None
+                if self.gradient_checkpointing and self.training:
+                    h = torch.utils.checkpoint.checkpoint(block, h, self.rotary, cos, sin, mask, layer_cache,
+                                                          slots, kv_len, use_reentrant=False)
+                else:
+                    h = block(h, self.rotary, cos, sin, mask, layer_cache, slots, kv_len)
         out = h if logits_at is None else h.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         logits = self.output_head(self.model.norm(out))
         return (logits, h) if return_hidden else logits
