@@ -1,16 +1,16 @@
-"""r1kit's C decode blocks (cpu_kernels.decode_block) against the same engine running each block's
-torch code, side by side in one process.
+"""r1kit's C decode paths against the same engine running each block's torch code, side by side in
+one process: every block of a step in one C call (cpu_kernels.decode_stack, the default), each block
+its own C call (cpu_kernels.decode_block), and torch's ops.
 
     python bench/decode_blocks.py                      # all models, batch 1 / 16 / 64, 1 thread
     python bench/decode_blocks.py --threads 2 --batches 32
 
 Models (random weights, float32): the tiny and 25M Qwen2 of bench/grpo_vs_trl.py and the tiny
 DeepSeek-V3 preset that `r1kit quickstart` trains (MLA + MoE). Both sides use the same engine with
-the same packed products (cpu_kernels.c); the only difference is whether a decode step runs each
-block through the C calls or through torch's ops (cpu_kernels.FUSED_LAYERS). Greedy, 64 new
-tokens after a 16-token prompt, eos ignored; the two sides must produce the same tokens. Best of
---reps repetitions, the sides alternating. The last line is JSON: tokens/s of both sides and their
-ratio per model and batch.
+the same packed products (cpu_kernels.c); the only difference is how a decode step runs the blocks
+(cpu_kernels.STACKED, cpu_kernels.FUSED_LAYERS). Greedy, 64 new tokens after a 16-token prompt, eos
+ignored; every path must produce the same tokens. Best of --reps repetitions, the paths alternating.
+The last line is JSON: tokens/s of each path and the ratios per model and batch.
 """
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ MODELS = {
 PROMPT_LEN, NEW_TOKENS = 16, 64
 
 
-def run(engine: Engine, prompts, fused: bool) -> tuple[float, list[list[int]]]:
-    cpu_kernels.FUSED_LAYERS = fused
+PATHS = {"stack": (True, True), "blocks": (True, False), "torch": (False, False)}  # (FUSED_LAYERS, STACKED)
+
+
+def run(engine: Engine, prompts, path: str) -> tuple[float, list[list[int]]]:
+    cpu_kernels.FUSED_LAYERS, cpu_kernels.STACKED = PATHS[path]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     start = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -69,22 +72,27 @@ def main() -> int:
         for batch in batches:
             g = torch.Generator().manual_seed(batch)
             prompts = torch.randint(3, 500, (batch, PROMPT_LEN), generator=g).tolist()
-            run(engine, prompts, True), run(engine, prompts, False)  # warm-up: packing, allocations
-            times = {True: [], False: []}
+            for path in PATHS:  # warm-up: packing, allocations
+                run(engine, prompts, path)
+            times: dict[str, list[float]] = {path: [] for path in PATHS}
             tokens = {}
             for _ in range(args.reps):
-                for fused in (True, False):
-                    t, tokens[fused] = run(engine, prompts, fused)
-                    times[fused].append(t)
-            same = tokens[True] == tokens[False]
-            c, t = batch * NEW_TOKENS / min(times[True]), batch * NEW_TOKENS / min(times[False])
-            figures[f"{name}_bs{batch}"] = {"c_blocks_tps": round(c, 1), "torch_blocks_tps": round(t, 1),
-                                            "speedup": round(c / t, 2), "same_tokens": same}
-            print(f"{name:17s} batch {batch:3d}: C blocks {c:8.1f} tok/s   torch blocks {t:8.1f} tok/s   "
-                  f"-> {c / t:.2f}x   same tokens: {same}", flush=True)
+                for path in PATHS:
+                    t, tokens[path] = run(engine, prompts, path)
+                    times[path].append(t)
+            same = tokens["stack"] == tokens["blocks"] == tokens["torch"]
+            tps = {path: batch * NEW_TOKENS / min(times[path]) for path in PATHS}
+            figures[f"{name}_bs{batch}"] = {**{f"{path}_tps": round(v, 1) for path, v in tps.items()},
+                                            "stack_vs_torch": round(tps["stack"] / tps["torch"], 2),
+                                            "stack_vs_blocks": round(tps["stack"] / tps["blocks"], 2),
+                                            "blocks_vs_torch": round(tps["blocks"] / tps["torch"], 2),
+                                            "same_tokens": same}
+            print(f"{name:17s} batch {batch:3d}: one call {tps['stack']:8.1f}  per block {tps['blocks']:8.1f}  "
+                  f"torch {tps['torch']:8.1f} tok/s -> {tps['stack'] / tps['torch']:.2f}x torch, "
+                  f"{tps['stack'] / tps['blocks']:.2f}x per block   same tokens: {same}", flush=True)
             if not same:
-                print("  the two paths disagree: a defect (tests/test_cpu_kernels.py should catch it)")
-    cpu_kernels.FUSED_LAYERS = True
+                print("  the paths disagree: a defect (tests/test_cpu_kernels.py should catch it)")
+    cpu_kernels.FUSED_LAYERS = cpu_kernels.STACKED = True
     print(json.dumps({"threads": args.threads, "new_tokens": NEW_TOKENS, "figures": figures}))
     return 0 if all(f["same_tokens"] for f in figures.values()) else 1
 

@@ -318,15 +318,19 @@ def test_fused_decode_block_refuses_a_slot_outside_its_row(family):
     assert all(t.abs().sum() == 0 for t in (layer if isinstance(layer, tuple) else (layer,)))
 
 
-def _decode_step_both_ways(model, rows, S=24, monkeypatch=None):
-    """One decode step through Transformer.forward with the C paths on (the dense stack where it
-    applies) and off (torch), from the same random cache: (logits, caches) of each."""
+def _layer_tensors(layer):
+    return layer if isinstance(layer, tuple) else (layer,)
+
+
+def _decode_step_both_ways(model, rows, monkeypatch, S=24):
+    """One decode step through Transformer.forward with the C paths on (the whole-model stack where
+    it applies) and off (torch), from the same random cache: (logits, cache) of each."""
     torch.manual_seed(1)
     positions = torch.tensor([[3 + 4 * i] for i in range(rows)])
     ids = torch.randint(0, model.config.vocab_size, (rows, 1))
     caches = [model.new_cache(rows, S) for _ in range(2)]
     for a, b in zip(caches[0].layers, caches[1].layers):
-        for x, y in zip(a, b):
+        for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
             x.normal_()
             y.copy_(x)
     with torch.inference_mode():
@@ -337,22 +341,35 @@ def _decode_step_both_ways(model, rows, S=24, monkeypatch=None):
     return (ours, caches[0]), (ref, caches[1])
 
 
+STACK_FAMILIES = {**FAMILIES,
+                  # group-limited routing (2 of 4 groups), scaled gates; softmax affinities without the bias
+                  "deepseek_grouped": ("deepseek_v3", dict(n_group=4, topk_group=2, routed_scaling_factor=2.5)),
+                  "deepseek_softmax": ("deepseek_v3", dict(scoring_func="softmax", topk_method="greedy",
+                                                           norm_topk_prob=False, n_shared_experts=0))}
+
+
 @needs_kernels
-@pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "llama_untied"])
+@pytest.mark.parametrize("family", list(STACK_FAMILIES))
 @pytest.mark.parametrize("rows", [1, 5])
-def test_dense_stack_equals_the_torch_blocks_and_follows_changes(family, rows, monkeypatch):
-    """cpu_kernels.decode_stack: every block of a dense model in one C call per step. Same logits and
-    cache writes as torch's blocks; after an in-place weight change it packs again, and after a
-    layer is replaced by another kind it steps aside (the blocks run one by one)."""
-    model_type, kw = FAMILIES[family]
+def test_decode_stack_equals_the_torch_blocks_and_follows_changes(family, rows, monkeypatch):
+    """cpu_kernels.decode_stack: every block of a model in one C call per step (a DeepSeek model's
+    MoE routing in C too). Same logits and cache writes as torch's blocks; after in-place changes to
+    a weight and to the balancing bias it packs and routes again, and after a layer is replaced by
+    another kind it steps aside (the blocks run one by one)."""
+    model_type, kw = STACK_FAMILIES[family]
     model = _random_model(model_type, **kw)
+    moes = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    with torch.no_grad():
+        for gate in moes:
+            gate.e_score_correction_bias.normal_(0, 0.3)
     Engine(model)
     lib, calls = cpu_kernels.library(), []
+    name = "r1_mla_decode_stack" if model.config.is_mla else "r1_dense_decode_stack"
 
     class Spy:
-        def __getattr__(self, name):
-            fn = getattr(lib, name)
-            if name != "r1_dense_decode_stack":
+        def __getattr__(self, attr):
+            fn = getattr(lib, attr)
+            if attr != name:
                 return fn
 
             def stack(*args):
@@ -363,29 +380,32 @@ def test_dense_stack_equals_the_torch_blocks_and_follows_changes(family, rows, m
     monkeypatch.setattr(cpu_kernels, "_LIB", Spy())
 
     def agree():
-        (ours, oc), (ref, rc) = _decode_step_both_ways(model, rows, monkeypatch=monkeypatch)
+        (ours, oc), (ref, rc) = _decode_step_both_ways(model, rows, monkeypatch)
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
         for a, b in zip(oc.layers, rc.layers):
-            for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+            for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
     agree()
     assert calls == [model.config.num_hidden_layers]
-    with torch.no_grad():  # an in-place write: the plan's fingerprint changes, the weights are packed again
-        model.model.layers[1].mlp.down_proj.weight.mul_(-2.0)
-        model.model.layers[0].self_attn.q_proj.weight.add_(0.5)
+    with torch.no_grad():  # in-place writes: the plan's fingerprint changes, the weights are packed again
+        model.model.layers[1].self_attn.o_proj.weight.mul_(-2.0)
+        model.model.layers[0].self_attn.fused.linears[0].weight.add_(0.5)
+        for gate in moes:
+            gate.e_score_correction_bias.neg_()
     agree()
     assert len(calls) == 2
     old = model.model.layers[1].self_attn.o_proj
-    swapped = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)  # not packed
-    model.model.layers[1].self_attn.o_proj = swapped
+    model.model.layers[1].self_attn.o_proj = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
     agree()
     assert len(calls) == 2  # the stack stepped aside; the blocks ran one by one
 
 
 @needs_kernels
-def test_dense_stack_refuses_a_slot_outside_its_row():
-    model = _random_model("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "deepseek"])
+def test_decode_stack_refuses_a_slot_outside_its_row(family):
+    model_type, kw = FAMILIES[family]
+    model = _random_model(model_type, **kw)
     Engine(model)
     cache = model.new_cache(2, 8)
     h = torch.randn(2, 1, model.config.hidden_size)
@@ -393,7 +413,7 @@ def test_dense_stack_refuses_a_slot_outside_its_row():
     slots = torch.tensor([3, 8 + 8])  # flat: row 0 position 3, row 1 position 8 of its 8 slots
     with torch.inference_mode(), pytest.raises(ValueError, match="outside their rows"):
         cpu_kernels.decode_stack(model, h, cos, sin, cache, slots, 9)
-    assert all(t.abs().sum() == 0 for layer in cache.layers for t in layer)  # no layer wrote anything
+    assert all(t.abs().sum() == 0 for layer in cache.layers for t in _layer_tensors(layer))  # nothing written
 
 
 @needs_kernels
@@ -410,11 +430,11 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            if name not in ("r1_dense_decode_stack", "r1_mla_decode_attention", "r1_moe_block"):
+            if name not in ("r1_dense_decode_stack", "r1_mla_decode_stack"):
                 return fn
 
             def layer(*args):
-                calls.append(args[2] if name == "r1_moe_block" else args[1])
+                calls.append(args[1])
                 names.add(name)
                 return fn(*args)
             return layer
@@ -430,8 +450,8 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
         calls.clear()
         ours = engine.generate([[1, 2, 3], [4, 5]], params)
         assert calls and set(calls) <= {6, 3, 2}  # every decode step of every layer, on the live rows
-        # a dense model's blocks run in one call per step (DenseStack), a DeepSeek model's per layer
-        assert names == ({"r1_mla_decode_attention", "r1_moe_block"} if family == "deepseek" else {"r1_dense_decode_stack"})
+        # every block in one call per step (cpu_kernels.DenseStack, MLAStack)
+        assert names == ({"r1_mla_decode_stack"} if family == "deepseek" else {"r1_dense_decode_stack"})
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
         ref = engine.generate([[1, 2, 3], [4, 5]], params)
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)

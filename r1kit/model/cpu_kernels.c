@@ -540,3 +540,110 @@ void r1_moe_block(float *h, const float *xn, int64_t M, int64_t Hd, const int64_
     free(act);
     free(pairs);
 }
+
+/* DeepSeekMoE routing of M rows, as moe.Router: affinities s = sigmoid (or softmax) of xn @ W^T
+ * (W: E x Hd, row-major); the choice adds the balancing bias (NULL: none); with n_group > 1 and
+ * topk_group < n_group only the topk_group groups of highest score compete (a group's score: the
+ * sum of its two best choices with the bias, its best without); the k experts of highest choice, in
+ * descending order, as torch.topk returns them (ties to the lower index); gates = their affinities,
+ * normalised to sum 1 if norm (and k > 1), times scaling. ids (M x k), gates (M x k). */
+static void route(const float *xn, int64_t M, int64_t Hd, const float *W, const float *bias, int64_t E,
+                  int64_t k, int64_t n_group, int64_t topk_group, int softmax, int norm, float scaling,
+                  int64_t *ids, float *gates) {
+    float *sc = falloc(E), *ch = falloc(E), gs[64];
+    int64_t per = E / (n_group > 0 ? n_group : 1);
+    for (int64_t m = 0; m < M; m++) {
+        const float *x = xn + m * Hd;
+        for (int64_t e = 0; e < E; e++) {
+            const float *w = W + e * Hd;
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t d = 0; d < Hd; d += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(w + d), a);
+            sc[e] = hsum(a);
+        }
+        if (softmax) {
+            float mx = -INFINITY, tot = 0.0f;
+            for (int64_t e = 0; e < E; e++) mx = sc[e] > mx ? sc[e] : mx;
+            for (int64_t e = 0; e < E; e++) tot += (sc[e] = expf(sc[e] - mx));
+            for (int64_t e = 0; e < E; e++) sc[e] /= tot;
+        } else {
+            for (int64_t e = 0; e < E; e++) sc[e] = 1.0f / (1.0f + expf(-sc[e]));
+        }
+        for (int64_t e = 0; e < E; e++) ch[e] = bias ? sc[e] + bias[e] : sc[e];
+        if (n_group > 1 && topk_group < n_group) {
+            for (int64_t g = 0; g < n_group; g++) {
+                float b1 = -INFINITY, b2 = -INFINITY;
+                for (int64_t e = g * per; e < (g + 1) * per; e++) {
+                    if (ch[e] > b1) { b2 = b1; b1 = ch[e]; }
+                    else if (ch[e] > b2) b2 = ch[e];
+                }
+                gs[g] = bias ? b1 + b2 : b1;
+            }
+            for (int64_t t = 0; t < n_group - topk_group; t++) { /* drop the weakest groups, one at a time */
+                int64_t worst = -1;
+                for (int64_t g = n_group - 1; g >= 0; g--) /* among equals, the highest index goes first */
+                    if (gs[g] != INFINITY && (worst < 0 || gs[g] < gs[worst])) worst = g;
+                gs[worst] = INFINITY; /* marked: dropped */
+                for (int64_t e = worst * per; e < (worst + 1) * per; e++) ch[e] = -INFINITY;
+            }
+        }
+        float tot = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (ch[e] != INFINITY && (best < 0 || ch[e] > ch[best])) best = e;
+            ids[m * k + j] = best;
+            gates[m * k + j] = sc[best];
+            tot += sc[best];
+            ch[best] = INFINITY; /* taken */
+        }
+        for (int64_t j = 0; j < k; j++) {
+            float g = gates[m * k + j];
+            if (norm && k > 1) g = g / (tot + 1e-20f);
+            gates[m * k + j] = g * scaling;
+        }
+    }
+    free(sc);
+    free(ch);
+}
+
+/* Every block of a DeepSeek model, in order, for one new token per row, in one call: each layer's
+ * MLA half (r1_mla_decode_attention), then its dense MLP (r1_swiglu_block) or its MoE: the routing
+ * above, then r1_moe_block. ptrs (L x 24) per layer:
+ *   0 ln1, 1 fused_w, 2 fused_b, 3 q_ln, 4 q_b_w, 5 kv_ln, 6 kvb, 7 ldk, 8 o_w, 9 o_b, 10 cache, 11 ln2,
+ *   12 moe (0: dense MLP), 13 gu_w, 14 down_w, 15 I, 16 gu_stride, 17 down_stride, 18 router_w,
+ *   19 router_bias, 20 sgu_w, 21 sdown_w, 22 Is, 23 unused
+ * (pointers as int64; 0 for none). dims: Nfq, H, NOPE, R, V, C, interleave, E, k, n_group, topk_group,
+ * softmax, norm. Returns 0, or 1 (nothing written) when a slot lies outside its row. */
+int r1_mla_decode_stack(float *h, int64_t M, int64_t Hd, int64_t L, const int64_t *ptrs, const int64_t *dims,
+                        float eps, float scale, float scaling, const float *cos, const float *sin, int64_t S,
+                        const int64_t *slots, int64_t kv_len, int nt) {
+    int64_t Nfq = dims[0], H = dims[1], NOPE = dims[2], R = dims[3], V = dims[4], C = dims[5];
+    int interleave = (int)dims[6];
+    int64_t E = dims[7], k = dims[8], n_group = dims[9], topk_group = dims[10];
+    int softmax = (int)dims[11], norm = (int)dims[12];
+    float *xn = falloc(M * Hd), *gates = falloc(M * (k > 0 ? k : 1));
+    int64_t *ids = (int64_t *)malloc((size_t)(M * (k > 0 ? k : 1)) * sizeof(int64_t));
+    int bad = 0;
+    for (int64_t l = 0; l < L && !bad; l++) {
+        const int64_t *p = ptrs + l * 24;
+#define F(i) ((const float *)p[i])
+        bad = r1_mla_decode_attention(h, M, Hd, F(0), eps, F(1), F(2), Nfq, F(3), F(4), F(5), F(6), p[7], F(8),
+                                      F(9), H, NOPE, R, V, C, interleave, cos, sin, (float *)p[10], S, slots,
+                                      kv_len, scale, nt);
+        if (bad)
+            break;
+        if (!p[12]) {
+            r1_swiglu_block(h, M, Hd, F(11), eps, F(13), F(14), p[15], nt);
+            continue;
+        }
+        rms_norm_rows(h, M, Hd, F(11), eps, xn);
+        route(xn, M, Hd, F(18), F(19), E, k, n_group, topk_group, softmax, norm, scaling, ids, gates);
+        r1_moe_block(h, xn, M, Hd, ids, gates, k, F(13), p[16], F(14), p[17], p[15], E, F(20), F(21), p[22], nt);
+#undef F
+    }
+    free(xn);
+    free(gates);
+    free(ids);
+    return bad;
+}

@@ -121,6 +121,8 @@ def library() -> ctypes.CDLL | None:
     lib.r1_dense_decode_stack.argtypes = [ptr, i64, i64, i64, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64,
                                           ptr, i64, f32, i32]
     lib.r1_dense_decode_stack.restype = i32
+    lib.r1_mla_decode_stack.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, f32, f32, ptr, ptr, i64, ptr, i64, i32]
+    lib.r1_mla_decode_stack.restype = i32
     lib.r1_swiglu_block.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, i32]
     lib.r1_swiglu_block.restype = None
     lib.r1_mla_decode_attention.argtypes = [ptr, i64, i64, ptr, f32, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
@@ -267,6 +269,9 @@ def detach(model: nn.Module) -> None:
 
 # the fused decode blocks on (True) or off: tests compare the two paths; R1KIT_FUSED_DECODE=0 turns them off
 FUSED_LAYERS = os.environ.get("R1KIT_FUSED_DECODE", "1") != "0"
+# every block of a step in one call (decode_stack) on (True) or off: then each block is its own call;
+# R1KIT_DECODE_STACK=0 turns it off
+STACKED = os.environ.get("R1KIT_DECODE_STACK", "1") != "0"
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -357,34 +362,49 @@ def _dense_block(block, x, cos, sin, cache, slots, kv_len) -> torch.Tensor | Non
     return h
 
 
-class DenseStack:
-    """Every block of a dense model (Qwen2, Llama) for one decode step in one C call
-    (r1_dense_decode_stack): the per-layer path (`decode_block`) pays about 0.2 ms of Python per layer
-    to find and check its weights, as much as a tiny model's layer computes at 32 rows.
+class _Stack:
+    """Every block of a model for one decode step in one C call: the per-layer path (`decode_block`)
+    pays about 0.2 ms of Python per layer (more for a MoE layer, whose routing runs in torch) to find
+    and check its weights, as much as a tiny model's layer computes at 32 rows.
 
-    Built once (`build`: every layer passes `_dense_block`'s checks, with the same shapes), it keeps
-    each layer's packed weights and pointers. Each step checks, cheaply, that nothing it relies on
-    changed: the same modules in the same places (`links`) and every weight, bias and norm at the
-    same address with the same version (`fingerprint`; an optimizer step changes it). If anything
-    did, the caller builds it again, which packs the changed weights again."""
+    Built once (`build`: every layer passes the per-layer path's checks, with the same shapes), it
+    keeps each layer's packed weights and pointers (`ptrs`, one int64 row per layer). Each step checks,
+    cheaply, that nothing it relies on changed: the same modules in the same places (`links`), every
+    weight, bias, norm and buffer at the same address with the same version (`fingerprint`; an
+    optimizer step changes it), and no MoE in training mode (which counts expert load in torch).
+    If anything did, the caller builds it again, which packs the changed weights again."""
 
-    def __init__(self, links, tensors, ptrs, dims):
-        self.links, self.tensors = links, tensors
+    def __init__(self, links, tensors, ptrs, dims, moes=()):
+        self.links, self.tensors, self.moes = links, tensors, list(moes)
         self.key = self.fingerprint()
-        self.ptrs = ptrs  # (L, 10) int64: see r1_dense_decode_stack; columns 8-9 (the caches) per step
-        self.dims = dims  # eps, I, H, Hkv, D, scale
+        self.ptrs = ptrs
+        self.dims = dims
         self.cache_key = None
 
     def fingerprint(self) -> tuple:
         return tuple((t.data_ptr(), version(t)) for t in self.tensors)
 
     def valid(self) -> bool:
-        return all(parent.get(name) is obj for parent, name, obj in self.links) and self.fingerprint() == self.key
+        return (all(parent.get(name) is obj for parent, name, obj in self.links)
+                and not any(moe.training for moe in self.moes) and self.fingerprint() == self.key)
+
+    @staticmethod
+    def _link(parent: nn.Module, *names: str) -> list:
+        return [(parent._modules, name, parent._modules.get(name)) for name in names]
+
+    @staticmethod
+    def _weights(*layers) -> list:
+        return [t for lin in layers for t in (lin.weight, getattr(lin, "bias", None)) if t is not None]
+
+
+class DenseStack(_Stack):
+    """A dense model (Qwen2, Llama): r1_dense_decode_stack; `ptrs` columns as it takes them, the
+    caches' (8, 9) set per cache."""
 
     @staticmethod
     def build(model) -> "DenseStack | None":
         layers = model.model.layers
-        links, tensors, rows, dims = [(model.model._modules, "layers", layers)], [], [], None
+        links, tensors, rows, dims = _Stack._link(model.model, "layers"), [], [], None
         for i, block in enumerate(layers):
             attn, mlp = block.self_attn, block.mlp
             ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
@@ -397,71 +417,179 @@ class DenseStack:
             o_w, down_w = _single(attn.o_proj), _single(mlp.down_proj)
             D, I, Hd = attn.head_dim, mlp.down_proj.in_features, ln1.weight.shape[0]
             here = (ln1.eps, I, attn.n_heads, attn.n_kv_heads, D, attn.scale)
+            qkv_b, o_b = fa.bias, attn.o_proj.bias
             if (qkv_w is None or gu_w is None or o_w is None or down_w is None or D % 8 or I % 8 or Hd % 8
-                    or ln1.eps != ln2.eps or not _f32(ln1.weight, ln2.weight) or (dims is not None and here != dims)):
+                    or ln1.eps != ln2.eps or not _f32(ln1.weight, ln2.weight, qkv_b, o_b)
+                    or (dims is not None and here != dims)):
                 return None
             dims = here
-            qkv_b = fa.bias
-            o_b = attn.o_proj.bias
-            if (qkv_b is not None and not _f32(qkv_b)) or (o_b is not None and not _f32(o_b)):
-                return None
-            rows.append([ln1.weight.data_ptr(), ln2.weight.data_ptr(), qkv_w.data_ptr(), qkv_b.data_ptr() if qkv_b is not None else 0,
-                         o_w.data_ptr(), o_b.data_ptr() if o_b is not None else 0, gu_w.data_ptr(), down_w.data_ptr(), 0, 0])
-            links += [(layers._modules, str(i), block), (block._modules, "self_attn", attn), (block._modules, "mlp", mlp),
-                      (block._modules, "input_layernorm", ln1), (block._modules, "post_attention_layernorm", ln2)]
-            for parent, fused in ((attn, fa), (mlp, fm)):
-                links += [(parent._modules, name, lin) for name, lin in zip(fused.names, fused.linears)]
-            links += [(attn._modules, "o_proj", attn.o_proj), (mlp._modules, "down_proj", mlp.down_proj)]
-            for lin in (*fa.linears, attn.o_proj, *fm.linears, mlp.down_proj):
-                tensors += [lin.weight] + ([lin.bias] if lin.bias is not None else [])
-            tensors += [ln1.weight, ln2.weight]
+            rows.append([ln1.weight.data_ptr(), ln2.weight.data_ptr(), qkv_w.data_ptr(), _ptr(qkv_b) or 0,
+                         o_w.data_ptr(), _ptr(o_b) or 0, gu_w.data_ptr(), down_w.data_ptr(), 0, 0])
+            links += [(layers._modules, str(i), block)]
+            links += _Stack._link(block, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+            links += _Stack._link(attn, *fa.names, "o_proj") + _Stack._link(mlp, *fm.names, "down_proj")
+            tensors += _Stack._weights(*fa.linears, attn.o_proj, *fm.linears, mlp.down_proj, ln1, ln2)
         if not rows:
             return None
         return DenseStack(links, tensors, torch.tensor(rows, dtype=torch.int64), dims)
 
-    def set_cache(self, cache) -> bool:
-        """Point the plan at `cache`'s layers; False if one is not a contiguous float32 (k, v) pair."""
+    def run(self, h, cos, sin, cache, slots, kv_len) -> bool:
+        B, _, Hd = h.shape
+        k0 = cache.layers[0][0] if isinstance(cache.layers[0], tuple) else None
+        if k0 is None or k0.shape[0] != B:
+            return False
         key = tuple(t.data_ptr() for layer in cache.layers for t in layer)
         if key != self.cache_key:
             for i, layer in enumerate(cache.layers):
-                if not isinstance(layer, tuple) or len(layer) != 2 or not _f32(*layer):
+                if not isinstance(layer, tuple) or len(layer) != 2 or not _f32(*layer) or layer[0].shape != k0.shape:
                     return False
                 self.ptrs[i, 8], self.ptrs[i, 9] = layer[0].data_ptr(), layer[1].data_ptr()
             self.cache_key = key
+        eps, I, H, Hkv, D, scale = self.dims
+        cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
+        S = k0.shape[1]
+        bad = library().r1_dense_decode_stack(h.data_ptr(), B, Hd, len(self.ptrs), self.ptrs.data_ptr(), eps, I, H,
+                                              Hkv, D, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(), kv_len,
+                                              scale, torch.get_num_threads())
+        _check(bad, slots, S)
+        return True
+
+
+class MLAStack(_Stack):
+    """A DeepSeek model (MLA, dense MLP or DeepSeekMoE per layer): r1_mla_decode_stack, with the MoE's
+    routing in C too (the same rules as moe.Router); `ptrs` columns as it takes them, the cache's (10)
+    set per cache."""
+
+    @staticmethod
+    def build(model) -> "MLAStack | None":
+        layers = model.model.layers
+        links, tensors, rows, moes = _Stack._link(model.model, "layers"), [], [], []
+        attn_dims = moe_dims = None  # the same in every layer (every MoE layer)
+        for i, block in enumerate(layers):
+            attn, mlp = block.self_attn, block.mlp
+            ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
+            fa, kvb = getattr(attn, "fused", None), getattr(attn, "kv_b_proj", None)
+            if getattr(attn, "kv_lora_rank", None) is None or fa is None or type(kvb) is not nn.Linear:
+                return None
+            C, R, NOPE, V, H = attn.kv_lora_rank, attn.rope_dim, attn.nope_dim, attn.v_dim, attn.n_heads
+            Nfq, q_lora = fa.sizes[0], attn.q_lora_rank
+            Hd = ln1.weight.shape[0]
+            if (C % 8 or NOPE % 8 or V % 8 or (C + R) % 8 or R % 2 or R > 512 or Hd % 8 or (q_lora and Nfq % 8)
+                    or kvb.weight.stride(0) != 1 or kvb.weight.dtype != torch.float32
+                    or type(getattr(attn, "o_proj", None)) is not nn.Linear):
+                return None
+            f_w, o_w = _group(fa), _single(attn.o_proj)
+            q_b_w = _single(attn.q_b_proj) if q_lora else None
+            q_ln = attn.q_a_layernorm if q_lora else None
+            eps = ln1.eps
+            if (f_w is None or o_w is None or (q_lora and q_b_w is None)
+                    or not _f32(ln1.weight, ln2.weight, attn.kv_a_layernorm.weight, fa.bias, attn.o_proj.bias,
+                                q_ln.weight if q_ln is not None else None)
+                    or any(n.eps != eps for n in (ln2, attn.kv_a_layernorm, q_ln) if n is not None)):
+                return None
+            row = [ln1.weight.data_ptr(), f_w.data_ptr(), _ptr(fa.bias) or 0, _ptr(q_ln.weight) if q_ln else 0,
+                   _ptr(q_b_w) or 0, attn.kv_a_layernorm.weight.data_ptr(), kvb.weight.data_ptr(),
+                   kvb.weight.stride(1), o_w.data_ptr(), _ptr(attn.o_proj.bias) or 0, 0, ln2.weight.data_ptr()]
+            links += [(layers._modules, str(i), block)]
+            links += _Stack._link(block, "self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+            links += _Stack._link(attn, *fa.names, "o_proj", "kv_b_proj", "kv_a_layernorm",
+                                  *(("q_a_layernorm", "q_b_proj") if q_lora else ()))
+            tensors += _Stack._weights(*fa.linears, attn.o_proj, kvb, attn.kv_a_layernorm, ln1, ln2,
+                                       *((q_ln, attn.q_b_proj) if q_lora else ()))
+            experts = getattr(mlp, "experts", None)
+            if experts is None:  # a dense MLP layer (first_k_dense_replace)
+                fm = getattr(mlp, "fused", None)
+                if fm is None or type(getattr(mlp, "down_proj", None)) is not nn.Linear:
+                    return None
+                gu_w, down_w, I = _group(fm), _single(mlp.down_proj), mlp.down_proj.in_features
+                if gu_w is None or down_w is None or I % 8:
+                    return None
+                row += [0, gu_w.data_ptr(), down_w.data_ptr(), I, 0, 0, 0, 0, 0, 0, 0, 0]
+                links += _Stack._link(mlp, *fm.names, "down_proj")
+                tensors += _Stack._weights(*fm.linears, mlp.down_proj)
+            else:
+                gate, shared = mlp.gate, getattr(mlp, "shared_experts", None)
+                stacks = experts.__dict__.get("packed_stacks")
+                bias = gate.e_score_correction_bias if gate.use_bias else None
+                E, I2, _ = experts.gate_up_proj.shape
+                I, Is, sgu = I2 // 2, 0, None
+                if (stacks is None or not _f32(experts.gate_up_proj, experts.down_proj, gate.weight, bias) or I % 8
+                        or gate.scoring_func not in ("sigmoid", "softmax") or gate.n_group > 64
+                        or (gate.n_group > 1 and E % gate.n_group)):
+                    return None
+                if shared is not None:
+                    fs = getattr(shared, "fused", None)
+                    sgu, sdown = _group(fs), _single(shared.down_proj)
+                    Is = shared.down_proj.in_features
+                    if sgu is None or sdown is None or Is % 8:
+                        return None
+                    links += _Stack._link(shared, *fs.names, "down_proj")
+                    tensors += _Stack._weights(*fs.linears, shared.down_proj)
+                gu_w, gu_stride = stacks[0].get(experts.gate_up_proj)
+                down_w, down_stride = stacks[1].get(experts.down_proj)
+                row += [1, gu_w.data_ptr(), down_w.data_ptr(), I, gu_stride, down_stride, gate.weight.data_ptr(),
+                        _ptr(bias) or 0, _ptr(sgu) or 0, _ptr(sdown) if sgu is not None else 0, Is, 0]
+                links += _Stack._link(mlp, "gate", "experts", "shared_experts")
+                tensors += [experts.gate_up_proj, experts.down_proj, gate.weight] + ([bias] if bias is not None else [])
+                moes.append(mlp)
+                here = (E, gate.top_k, gate.n_group, gate.topk_group, int(gate.scoring_func == "softmax"),
+                        int(gate.norm_topk_prob), gate.routed_scaling_factor)
+                if moe_dims not in (None, here):
+                    return None
+                moe_dims = here
+            here = (Nfq, H, NOPE, R, V, C, int(model.rotary.interleave), eps, attn.scale)
+            if attn_dims not in (None, here):
+                return None
+            attn_dims = here
+            rows.append(row)
+        if not rows:
+            return None
+        dims = (attn_dims, moe_dims or (0, 0, 1, 1, 0, 0, 1.0))  # no MoE layer: no routing
+        return MLAStack(links, tensors, torch.tensor(rows, dtype=torch.int64), dims, moes)
+
+    def run(self, h, cos, sin, cache, slots, kv_len) -> bool:
+        B, _, Hd = h.shape
+        c0 = cache.layers[0]
+        if not torch.is_tensor(c0) or c0.shape[0] != B:
+            return False
+        key = tuple(t.data_ptr() for t in cache.layers)
+        if key != self.cache_key:
+            for i, layer in enumerate(cache.layers):
+                if not torch.is_tensor(layer) or not _f32(layer) or layer.shape != c0.shape:
+                    return False
+                self.ptrs[i, 10] = layer.data_ptr()
+            self.cache_key = key
+        (Nfq, H, NOPE, R, V, C, interleave, eps, scale), (E, k, n_group, topk_group, softmax, norm, scaling) = self.dims
+        dims = torch.tensor([Nfq, H, NOPE, R, V, C, interleave, E, k, n_group, topk_group, softmax, norm],
+                            dtype=torch.int64)
+        cos, sin = cos.reshape(B, R // 2).contiguous(), sin.reshape(B, R // 2).contiguous()
+        S = c0.shape[1]
+        bad = library().r1_mla_decode_stack(h.data_ptr(), B, Hd, len(self.ptrs), self.ptrs.data_ptr(), dims.data_ptr(),
+                                            eps, scale, scaling, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(),
+                                            kv_len, torch.get_num_threads())
+        _check(bad, slots, S)
         return True
 
 
 def decode_stack(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slots: torch.Tensor,
                  kv_len: int) -> torch.Tensor | None:
     """Every block of `model` for one new token per row, h (B, 1, hidden) -> (B, 1, hidden), in one C
-    call (DenseStack), in place on h; None where it does not apply (the caller runs the blocks one by
-    one, each through `decode_block` or torch): where `decode_block` would not run, or a model
-    that is not dense, or layers that differ in shape."""
-    if (not FUSED_LAYERS or h.shape[1] != 1 or kv_len is None or slots is None or library() is None
+    call (DenseStack, MLAStack), in place on h; None where it does not apply (the caller runs the
+    blocks one by one, each through `decode_block` or torch): where `decode_block` would not run,
+    layers that differ in shape, a MoE in training mode."""
+    if (not FUSED_LAYERS or not STACKED or h.shape[1] != 1 or kv_len is None or slots is None or library() is None
             or torch.is_grad_enabled() or torch.compiler.is_compiling() or h.dtype != torch.float32
-            or h.device.type != "cpu" or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)):
+            or h.device.type != "cpu" or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)
+            or h.shape[0] > MAX_ROWS):
         return None
-    B, _, Hd = h.shape
-    if B > MAX_ROWS:
-        return None
-    stack = model.__dict__.get("_dense_stack")
+    stack = model.__dict__.get("_decode_stack")
     if stack is None or not stack.valid():
-        stack = DenseStack.build(model)
-        model.__dict__["_dense_stack"] = stack  # None: not a dense model the C blocks can run; built again next step
-        if stack is None:
+        kind = MLAStack if model.config.is_mla else DenseStack
+        stack = kind.build(model)
+        model.__dict__["_decode_stack"] = stack  # None: built again next step (cheap: it stops at the first misfit)
+        if stack is None or not stack.valid():  # valid() also refuses a MoE in training mode
             return None
-    k0 = cache.layers[0][0] if isinstance(cache.layers[0], tuple) else None
-    if k0 is None or k0.shape[0] != B or not stack.set_cache(cache):
-        return None
-    eps, I, H, Hkv, D, scale = stack.dims
-    cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
-    slots = slots.contiguous()
-    S = k0.shape[1]
-    bad = library().r1_dense_decode_stack(h.data_ptr(), B, Hd, len(stack.ptrs), stack.ptrs.data_ptr(), eps, I, H, Hkv,
-                                          D, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(), kv_len, scale,
-                                          torch.get_num_threads())
-    _check(bad, slots, S)
-    return h
+    return h if stack.run(h, cos, sin, cache, slots.contiguous(), kv_len) else None
 
 
 def _swiglu_half(h: torch.Tensor, ln, mlp) -> bool:
