@@ -447,7 +447,7 @@ class DenseStack(_Stack):
         k0 = cache.layers[0][0] if isinstance(cache.layers[0], tuple) else None
         if k0 is None or k0.shape[0] != B:
             return False
-        key = tuple(t.data_ptr() for layer in cache.layers for t in layer)
+        key = tuple((t.data_ptr(), t.shape, t.stride()) for layer in cache.layers for t in layer)
         if key != self.cache_key:
             for i, layer in enumerate(cache.layers):
                 if not isinstance(layer, tuple) or len(layer) != 2 or not _f32(*layer) or layer[0].shape != k0.shape:
@@ -561,7 +561,7 @@ class MLAStack(_Stack):
         c0 = cache.layers[0]
         if not torch.is_tensor(c0) or c0.shape[0] != B:
             return False
-        key = tuple(t.data_ptr() for t in cache.layers)
+        key = tuple((t.data_ptr(), t.shape, t.stride()) for t in cache.layers)
         if key != self.cache_key:
             for i, layer in enumerate(cache.layers):
                 if not torch.is_tensor(layer) or not _f32(layer) or layer.shape != c0.shape:
