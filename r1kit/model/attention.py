@@ -168,13 +168,24 @@ class MLAttention(nn.Module):
         k_rope = rotary.apply(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, rope_dim): shared by heads
         if cache is None:
             out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
+        elif T > 1 and torch.is_grad_enabled():
+            # training through a cache (GRPO's update continuing from its prompt pass): many queries per
+            # cached key, so expanding the keys (as without a cache) is cheaper than absorbing W_uk and
+            # W_uv into every query, whose attention then runs at the latent's width
+            write_cache(cache, slots, torch.cat((c_kv, k_rope.squeeze(2)), dim=-1))
+            latent = cache[:, :kv_len]
+            out = self._naive(q_nope, q_rope, latent[..., : self.kv_lora_rank],
+                              latent[..., self.kv_lora_rank:].unsqueeze(2), mask)
         else:
             out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask, cache, slots, kv_len)
         return project(self.o_proj, out.reshape(B, T, self.n_heads * self.v_dim))
 
     def _naive(self, q_nope, q_rope, c_kv, k_rope, mask):
-        B, T = c_kv.shape[:2]
-        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+        """Keys and values expanded from the latent c_kv (B, S, C) and the shared rope key (B, S, 1, R)
+        of S positions; the queries are the last T of them (T = S without a cache)."""
+        B, S = c_kv.shape[:2]
+        T = q_nope.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1)
