@@ -150,7 +150,7 @@ class Transformer(nn.Module):
             slots = cache_slots(positions, cache.max_seq_len)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, bound=cache.max_seq_len if cache is not None else None)
-        # decoding a dense model on a CPU: every block in one C call where it applies
+        # decoding on a CPU: every block in one C call where it applies (cpu_kernels.decode_stack)
         stacked = decode_stack(self, h, cos, sin, cache, slots, kv_len) if cache is not None and T == 1 else None
         if stacked is not None:
             h = stacked
