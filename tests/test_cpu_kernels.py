@@ -302,8 +302,10 @@ def test_fused_decode_block_runs_only_where_it_applies():
 
 @needs_kernels
 @pytest.mark.parametrize("family", ["qwen2", "deepseek"])
-def test_fused_decode_block_refuses_a_slot_outside_its_row(family):
-    """A position past the cache's end would write into the next row's slots: refused, nothing written."""
+@pytest.mark.parametrize("path", ["block", "stack"])
+def test_c_decode_refuses_a_slot_outside_its_row(family, path):
+    """A position past the cache's end would write into the next row's slots: refused, nothing written,
+    by one block (decode_block) and by every block in one call (decode_stack)."""
     model_type, kw = FAMILIES[family]
     model = _random_model(model_type, **kw)
     Engine(model)
@@ -313,9 +315,11 @@ def test_fused_decode_block_refuses_a_slot_outside_its_row(family):
     cos, sin = model.rotary.cos_sin(positions, x.dtype, bound=16)
     slots = torch.tensor([3, 8 + 8])  # flat: row 0 position 3, row 1 position 8 of its 8 slots
     with torch.inference_mode(), pytest.raises(ValueError, match="outside their rows"):
-        cpu_kernels.decode_block(model.model.layers[0], x, model.rotary, cos, sin, cache.layers[0], slots, 9)
-    layer = cache.layers[0]
-    assert all(t.abs().sum() == 0 for t in (layer if isinstance(layer, tuple) else (layer,)))
+        if path == "block":
+            cpu_kernels.decode_block(model.model.layers[0], x, model.rotary, cos, sin, cache.layers[0], slots, 9)
+        else:
+            cpu_kernels.decode_stack(model, x, cos, sin, cache, slots, 9)
+    assert all(t.abs().sum() == 0 for layer in cache.layers for t in _layer_tensors(layer))  # nothing written
 
 
 def _layer_tensors(layer):
@@ -399,21 +403,6 @@ def test_decode_stack_equals_the_torch_blocks_and_follows_changes(family, rows, 
     model.model.layers[1].self_attn.o_proj = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
     agree()
     assert len(calls) == 2  # the stack stepped aside; the blocks ran one by one
-
-
-@needs_kernels
-@pytest.mark.parametrize("family", ["qwen2", "deepseek"])
-def test_decode_stack_refuses_a_slot_outside_its_row(family):
-    model_type, kw = FAMILIES[family]
-    model = _random_model(model_type, **kw)
-    Engine(model)
-    cache = model.new_cache(2, 8)
-    h = torch.randn(2, 1, model.config.hidden_size)
-    cos, sin = model.rotary.cos_sin(torch.tensor([[3], [8]]), h.dtype, bound=16)
-    slots = torch.tensor([3, 8 + 8])  # flat: row 0 position 3, row 1 position 8 of its 8 slots
-    with torch.inference_mode(), pytest.raises(ValueError, match="outside their rows"):
-        cpu_kernels.decode_stack(model, h, cos, sin, cache, slots, 9)
-    assert all(t.abs().sum() == 0 for layer in cache.layers for t in _layer_tensors(layer))  # nothing written
 
 
 @needs_kernels

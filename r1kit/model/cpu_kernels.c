@@ -166,6 +166,14 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* sum of a[d] * b[d] over d < n, n a multiple of 8 */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < n; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return hsum(acc);
+}
+
 /* y (M x N) = x * rsqrt(mean(x^2) + eps) * w, as F.rms_norm. N is a multiple of 8. */
 static void rms_norm_rows(const float *x, int64_t M, int64_t N, const float *w, float eps, float *y) {
     for (int64_t m = 0; m < M; m++) {
@@ -262,13 +270,8 @@ static void decode_attention(const float *q, const int64_t ldq, const float *kc,
                         s[j + 2] = hsum(a2) * scale;
                         s[j + 3] = hsum(a3) * scale;
                     }
-                    for (; j < j1; j++) {
-                        const float *kp = kb + j * ks;
-                        __m256 a = _mm256_setzero_ps();
-                        for (int64_t d = 0; d < D; d += 8)
-                            a = _mm256_fmadd_ps(_mm256_loadu_ps(qp + d), _mm256_loadu_ps(kp + d), a);
-                        s[j] = hsum(a) * scale;
-                    }
+                    for (; j < j1; j++)
+                        s[j] = dot(qp, kb + j * ks, D) * scale;
                 }
             }
             for (int64_t r = 0; r < rep; r++) { /* softmax of each query head's scores */
@@ -453,13 +456,8 @@ int r1_mla_decode_attention(float *h, int64_t M, int64_t Hd, const float *ln, fl
             float *dst = ql + (m * H + hh) * L;
             /* W_uk^T q_nope: dst[c] = sum_d qn[d] * kvb[c * ldk + hh * (NOPE + V) + d] */
             const float *wk = kvb + hh * (NOPE + V);
-            for (int64_t cc = 0; cc < C; cc++) {
-                const float *w = wk + cc * ldk;
-                __m256 a = _mm256_setzero_ps();
-                for (int64_t d = 0; d < NOPE; d += 8)
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qn + d), _mm256_loadu_ps(w + d), a);
-                dst[cc] = hsum(a);
-            }
+            for (int64_t cc = 0; cc < C; cc++)
+                dst[cc] = dot(qn, wk + cc * ldk, NOPE);
             memcpy(dst + C, qn + NOPE, (size_t)R * sizeof(float));
             rotate(dst + C, c, s, R, interleave);
         }
@@ -554,13 +552,8 @@ static void route(const float *xn, int64_t M, int64_t Hd, const float *W, const 
     int64_t per = E / (n_group > 0 ? n_group : 1);
     for (int64_t m = 0; m < M; m++) {
         const float *x = xn + m * Hd;
-        for (int64_t e = 0; e < E; e++) {
-            const float *w = W + e * Hd;
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t d = 0; d < Hd; d += 8)
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(w + d), a);
-            sc[e] = hsum(a);
-        }
+        for (int64_t e = 0; e < E; e++)
+            sc[e] = dot(x, W + e * Hd, Hd);
         if (softmax) {
             float mx = -INFINITY, tot = 0.0f;
             for (int64_t e = 0; e < E; e++) mx = sc[e] > mx ? sc[e] : mx;
