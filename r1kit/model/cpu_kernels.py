@@ -586,10 +586,10 @@ def decode_stack(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
     call (DenseStack, MLAStack), in place on h; None where it does not apply (the caller runs the
     blocks one by one, each through `decode_block` or torch): where `decode_block` would not run,
     layers that differ in shape, a MoE in training mode."""
-    if (not FUSED_LAYERS or not STACKED or h.shape[1] != 1 or kv_len is None or slots is None or library() is None
-            or torch.is_grad_enabled() or torch.compiler.is_compiling() or h.dtype != torch.float32
-            or h.device.type != "cpu" or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)
-            or h.shape[0] > MAX_ROWS):
+    if (not FUSED_LAYERS or not STACKED or torch.compiler.is_compiling() or h.device.type != "cpu"
+            or h.dtype != torch.float32 or h.shape[1] != 1 or h.shape[0] > MAX_ROWS or kv_len is None or slots is None
+            or torch.is_grad_enabled() or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)
+            or library() is None):
         return None
     stack = model.__dict__.get("_decode_stack")
     if stack is None or not stack.valid():
