@@ -469,6 +469,13 @@ class MLAStack(_Stack):
     routing in C too (the same rules as moe.Router); `ptrs` columns as it takes them, the cache's (10)
     set per cache."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        (Nfq, H, NOPE, R, V, C, interleave, _, _), (E, k, n_group, topk_group, softmax, norm, _) = self.dims
+        # the integer dims, as r1_mla_decode_stack takes them
+        self.dims_c = torch.tensor([Nfq, H, NOPE, R, V, C, interleave, E, k, n_group, topk_group, softmax, norm],
+                                   dtype=torch.int64)
+
     @staticmethod
     def build(model) -> "MLAStack | None":
         layers = model.model.layers
@@ -568,12 +575,10 @@ class MLAStack(_Stack):
                     return False
                 self.ptrs[i, 10] = layer.data_ptr()
             self.cache_key = key
-        (Nfq, H, NOPE, R, V, C, interleave, eps, scale), (E, k, n_group, topk_group, softmax, norm, scaling) = self.dims
-        dims = torch.tensor([Nfq, H, NOPE, R, V, C, interleave, E, k, n_group, topk_group, softmax, norm],
-                            dtype=torch.int64)
+        (_, _, _, R, _, _, _, eps, scale), (*_, scaling) = self.dims
         cos, sin = cos.reshape(B, R // 2).contiguous(), sin.reshape(B, R // 2).contiguous()
         S = c0.shape[1]
-        bad = library().r1_mla_decode_stack(h.data_ptr(), B, Hd, len(self.ptrs), self.ptrs.data_ptr(), dims.data_ptr(),
+        bad = library().r1_mla_decode_stack(h.data_ptr(), B, Hd, len(self.ptrs), self.ptrs.data_ptr(), self.dims_c.data_ptr(),
                                             eps, scale, scaling, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(),
                                             kv_len, torch.get_num_threads())
         _check(bad, slots, S)
