@@ -276,17 +276,17 @@ class Engine:
                  freeze: bool = False, pack_weights: bool | None = None):
         """`compile`: run decode steps through torch.compile (True: inductor, with CUDA graphs on a
         GPU; a string names another backend). Shapes are made static for it: every step attends over
-        the whole cache under the mask, and each batch size compiles once. It pays most where a
-        step is launch-bound: a GPU, or small models on a CPU (bench/decode.py on this project's
-        CPU, batch 1: 1.0-1.3x the eager step for the dense models and 2.5x for the tiny MoE one,
-        now that the eager step runs its blocks in C (model/cpu_kernels.decode_block); at batch
-        16 0.7x and 1.1x). Each new batch size compiles for 10-40 s, so the default is off. The server's continuous batch (Scheduler) always runs eagerly.
+        the whole cache under the mask, and each batch size compiles once. It pays where a step is
+        launch-bound: a GPU. On a CPU the eager step runs every block in one C call
+        (model/cpu_kernels.decode_stack) and is faster (bench/decode.py on this project's CPU: the
+        compiled step 0.81-0.90x the eager one at batch 1, 0.56-0.85x at batch 16, for the tiny and
+        25M Qwen2 and the tiny MoE model). Each new batch size compiles for 10-40 s, so the default is off. The server's continuous batch (Scheduler) always runs eagerly.
 
         `freeze` (with compile=True, on a CPU): inductor's freezing -- the weights become constants
         of the compiled step, prepacked for the CPU's GEMM kernels (dense batch-1 decoding about
         10-30% faster here). For inference only: the step keeps the weights it was compiled with,
-        so generating after the weights changed (an optimizer step) raises instead. `chat` and
-        `serve --compile` use it; GRPO's compile_generation does not.
+        so generating after the weights changed (an optimizer step) raises instead. `chat --compile`
+        and `serve --compile` use it; GRPO's compile_generation does not.
 
         `pack_weights` (eager steps on a CPU with AVX2): products over 2-64 rows (batched decoding,
         GRPO's groups, the server's continuous batch) run r1kit's own kernels on a packed copy of
