@@ -70,12 +70,10 @@ def attend(q, k, v, mask, scale, gqa: bool) -> torch.Tensor:
             # (the mask, (B, 1, 1, S), is the same for all of them), one SDPA problem per KV head
             out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], rep, D), k, v, attn_mask=mask, scale=scale)
             return out.reshape(B, H, 1, D)
-        if T == 1 or q.device.type != "cpu":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                  scale=scale, enable_gqa=True)
-        same = v is k  # MLA's latent serves as both on a CPU: expand it once
-        k = k.repeat_interleave(rep, dim=1)
-        v = k if same else v.repeat_interleave(rep, dim=1)
+        # SDPA's own grouping, not keys and values expanded to every query head: forward and backward
+        # 1.1-1.25x faster causal and 1.3-1.55x with a mask (B=4-32, T=8-96, 1 thread, torch 2.13, this
+        # project's CPU); MLA's one latent head, no gradient: within 5% either way
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 

@@ -174,9 +174,12 @@ class Transformer(nn.Module):
     def loss(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy where loss_mask[:, 1:] is 1, plus the MTP and balance terms."""
         logits, hidden = self.forward(input_ids, return_hidden=True)
-        targets = input_ids[:, 1:]
-        mask = torch.ones_like(targets, dtype=torch.float32) if loss_mask is None else loss_mask[:, 1:].float()
-        lm_loss = masked_cross_entropy(logits[:, :-1], targets, mask)
+        # every position against the next token, the last one against a dummy with weight 0: the logits
+        # are read in place (logits[:, :-1] would be copied, forward and backward)
+        targets = F.pad(input_ids[:, 1:], (0, 1))
+        mask = torch.ones_like(input_ids[:, 1:], dtype=torch.float32) if loss_mask is None else loss_mask[:, 1:].float()
+        mask = F.pad(mask, (0, 1))
+        lm_loss = masked_cross_entropy(logits, targets, mask)
         total = lm_loss
         out = {"lm_loss": lm_loss}
         mtp_loss = torch.zeros((), device=input_ids.device)
