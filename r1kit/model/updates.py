@@ -13,9 +13,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 _STEPS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> optimizer steps that updated it
+_ALL_STEPS = [0]  # optimizer steps of any optimizer, on any parameters
 
 
 def _count_step(optimizer, args, kwargs) -> None:
+    _ALL_STEPS[0] += 1
     for group in optimizer.param_groups:
         for p in group["params"]:
             _STEPS[p] = _STEPS.get(p, 0) + 1
@@ -31,3 +33,14 @@ def version(t: torch.Tensor) -> tuple[int, int]:
     except RuntimeError:  # an inference tensor keeps no version; only inference code can write it
         writes = -1
     return writes, _STEPS.get(t, 0)
+
+
+def fingerprint(tensors) -> tuple:
+    """What `version` tells of many tensors, cheaply enough to check every decode step: the count of
+    all optimizer steps taken anywhere, and each tensor's address and in-place writes. It changes
+    whenever a tensor's `version` does (an optimizer step on it moves the global count), and also
+    when some other optimizer steps: a caller then checks its tensors one by one, or rebuilds."""
+    try:
+        return _ALL_STEPS[0], tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # an inference tensor among them keeps no version
+        return _ALL_STEPS[0], tuple((t.data_ptr(), version(t)[0]) for t in tensors)
