@@ -71,9 +71,9 @@ def attend(q, k, v, mask, scale, gqa: bool) -> torch.Tensor:
             out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], rep, D), k, v, attn_mask=mask, scale=scale)
             return out.reshape(B, H, 1, D)
         # SDPA's own grouping, not keys and values expanded to every query head: forward and backward
-        # 0.96-1.31x the speed causal (1 or 2 threads; 5 of 6 cases faster) and 1.3-1.6x with a mask
-        # (1 thread), B=4-32, T=8-96, torch 2.13, this project's CPU; MLA's one latent head, no
-        # gradient: within 5% either way
+        # 1.0-1.66x faster (1 thread) and 1.14-1.36x (2 threads) on training's shapes, causal and padded
+        # (bench/attention_gqa.py, torch 2.13, this project's CPU); MLA's one latent head, no gradient:
+        # within 5% either way
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
