@@ -1,8 +1,9 @@
 """Training attention with fewer KV heads than query heads: SDPA's own grouping (`enable_gqa=True`,
 what r1kit.model.attention.attend runs) against keys and values expanded to every query head first
 (`repeat_interleave`, what it ran before), forward and backward, on the shapes r1kit's CPU training
-sees: the tiny and 25M Qwen2 models' GRPO buckets and shared prompts, and a train-step block; causal, and
-with padding masks as GRPO's buckets carry. Both sides in alternating rounds in one process; outputs checked equal.
+sees: the tiny and 25M Qwen2 models' GRPO buckets and shared prompts, and a train-step block; causal,
+and with padding masks as GRPO's buckets carry. Both sides in alternating rounds in one process;
+outputs checked equal.
 
     python bench/attention_gqa.py [--threads 1 --rounds 7]
 
@@ -73,7 +74,8 @@ def main() -> int:
             med = {s: statistics.median(ts) for s, ts in times.items()}
             speedup = med["expanded"] / med["grouped"]
             out[f"{name}_{kind}"] = round(speedup, 3)
-            print(f"{name:18s} {kind:6s} B={B} H={H}/{Hkv} T={T} S={S} D={D}: expanded {med['expanded'] * 1e3:7.3f} ms, "
+            print(f"{name:18s} {kind:6s} B={B} H={H}/{Hkv} T={T} S={S} D={D}: "
+                  f"expanded {med['expanded'] * 1e3:7.3f} ms, "
                   f"grouped {med['grouped'] * 1e3:7.3f} ms -> {speedup:.2f}x   (outputs max diff {diff:.1e})")
     print(json.dumps({"threads": args.threads, "speedup": out}))
     return 0

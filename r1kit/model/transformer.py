@@ -177,8 +177,8 @@ class Transformer(nn.Module):
         # every position against the next token, the last one against a dummy with weight 0: the logits
         # are read in place (logits[:, :-1] would be copied, forward and backward)
         targets = F.pad(input_ids[:, 1:], (0, 1))
-        mask = torch.ones_like(input_ids[:, 1:], dtype=torch.float32) if loss_mask is None else loss_mask[:, 1:].float()
-        mask = F.pad(mask, (0, 1))
+        mask = torch.ones_like(input_ids, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        mask = F.pad(mask[:, 1:], (0, 1))
         lm_loss = masked_cross_entropy(logits, targets, mask)
         total = lm_loss
         out = {"lm_loss": lm_loss}
