@@ -153,6 +153,32 @@ def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
     assert cpu_kernels.library() is None
 
 
+def test_an_isa_this_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_LIB", None)
+    monkeypatch.setattr(cpu_kernels, "_TRIED", False)
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setenv("R1KIT_CPU_ISA", "avx512")
+    with pytest.raises(ValueError, match="R1KIT_CPU_ISA='avx512'.*avx2"):
+        cpu_kernels.library()
+
+
+@needs_kernels
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="checks the AVX2 build on an AVX-512 CPU")
+def test_the_avx2_build_agrees_too(tmp_path):
+    """This CPU runs the AVX-512 build (48-column panels, 8-row tiles); an AVX2 CPU runs the other
+    one (24, 4). Both come from one source: the AVX2 build's products and decode blocks, checked here."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, R1KIT_CPU_ISA="avx2", R1KIT_CACHE=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "packed_product_equals_linear or decode_stack_equals or fused_decode_block_equals"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert [f.name for f in tmp_path.iterdir() if f.suffix == ".so"][0].endswith("-avx2.so")
+
+
 @pytest.mark.parametrize("kind", ["fused", "foreach"])
 def test_version_sees_every_optimizer_step(kind):
     """torch's fused AdamW updates parameters without bumping their version counter: updates.version

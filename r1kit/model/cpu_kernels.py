@@ -40,7 +40,12 @@ Attention and RMSNorm kernels called one op at a time were measured too and did 
 call costs about 4 us, and at batch 1 torch's SDPA is as fast.
 
 The C source is compiled with the system C compiler on first use (about a second) into
-`$R1KIT_CACHE` (default ~/.cache/r1kit). Without an x86 CPU with AVX2 and FMA, or without a
+`$R1KIT_CACHE` (default ~/.cache/r1kit), for AVX-512 where torch finds it (panels of 48 columns,
+tiles of 8 rows) and AVX2 elsewhere (24 columns, 4 rows); `R1KIT_CPU_ISA=avx2` picks the narrower
+build on an AVX-512 CPU, to compare. On a 2-core AVX-512 Xeon, one thread (bench/decode_gemm.py, the
+builds run one after the other): the AVX2 build's products lost to MKL at 32-64 rows (0.87x, 0.68x);
+the AVX-512 build with its prefetch ran them at 1.29x and 1.08x MKL (2.30x at 8 rows), and a 32-row
+decode step of the 25M model took 20.8 ms against the AVX2 build's 36.9 ms. Without an x86 CPU with AVX2 and FMA, or without a
 compiler, `library()` is None and every product stays on torch. `R1KIT_CPU_GEMM=0` turns it off;
 `R1KIT_FUSED_DECODE=0` turns off only the C blocks (`decode_block`).
 """
@@ -63,7 +68,6 @@ from torch import nn
 from r1kit.model.updates import fingerprint, version
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-NR = 24  # columns per panel, as in cpu_kernels.c
 # where the packed product beats torch's (bench/decode_gemm.py): 2-64 rows; one row too with 2+ threads
 # (MKL's one-row kernel is about as fast on one thread, 0.8-1.2x, but gains nothing from a second: 1.5-1.7x)
 MIN_ROWS, MAX_ROWS = 2, 64
@@ -77,8 +81,17 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("R1KIT_CACHE") or Path.home() / ".cache" / "r1kit")
 
 
-def _build(out: Path) -> None:
-    """Compile the source to `out`, atomically: a half-written library is never loaded."""
+def _isa() -> str:
+    """The instruction set the kernels are built for: AVX-512 where torch finds it (wider products,
+    more rows per tile), else AVX2."""
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+
+
+FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"]}
+
+
+def _build(out: Path, isa: str) -> None:
+    """Compile the source to `out` for `isa`, atomically: a half-written library is never loaded."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
@@ -86,7 +99,7 @@ def _build(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
+        cmd = [cc, "-O3", *FLAGS[isa], "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
@@ -108,16 +121,22 @@ def library() -> ctypes.CDLL | None:
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    path = _cache_dir() / f"cpu_kernels-{digest}.so"
+    isa = os.environ.get("R1KIT_CPU_ISA") or _isa()  # R1KIT_CPU_ISA=avx2: the narrower build, to compare
+    if isa not in {"avx2", _isa()}:
+        raise ValueError(f"R1KIT_CPU_ISA={isa!r}: this CPU runs {sorted({'avx2', _isa()})}; unset it or pick one")
+    path = _cache_dir() / f"cpu_kernels-{digest}-{isa}.so"
     try:
         if not path.exists():
-            _build(path)
+            _build(path, isa)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"r1kit: CPU decode kernels unavailable, using torch's products ({e}). "
                       f"Install a C compiler (gcc) to enable them, or set R1KIT_CPU_GEMM=0 to silence this.")
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.r1_nr.argtypes = []
+    lib.r1_nr.restype = i64
+    lib.nr = lib.r1_nr()  # the build's panel width
     lib.r1_pack.argtypes = [ptr, i64, i64, i64, i64, ptr, i32]
     lib.r1_pack.restype = None
     lib.r1_gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
@@ -140,6 +159,12 @@ def library() -> ctypes.CDLL | None:
     lib.r1_moe_block.restype = None
     _LIB = lib
     return lib
+
+
+def packed_size(N: int, K: int) -> int:
+    """Floats in the packed copy of a (K, N) matrix: whole panels of the build's width (r1_nr)."""
+    nr = library().nr
+    return -(-N // nr) * nr * K
 
 
 class PackedWeight:
@@ -167,7 +192,7 @@ class PackedWeight:
                tuple(weight.shape), weight.stride())
         if key != self.key:
             N, K = weight.shape
-            size = -(-N // NR) * NR * K
+            size = packed_size(N, K)
             if self.buffer is None or self.buffer.numel() != size:
                 self.buffer = torch.empty(size, dtype=torch.float32)
             w = weight.detach()
@@ -203,7 +228,7 @@ class PackedStack:
     def get(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The buffer and the floats from one matrix's packing to the next."""
         E, N, K = weight.shape
-        per = -(-N // NR) * NR * K
+        per = packed_size(N, K)
         key = (weight.data_ptr(), version(weight), tuple(weight.shape), weight.stride())
         if key != self.key:
             if self.buffer is None or self.buffer.numel() != E * per:
