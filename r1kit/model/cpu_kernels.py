@@ -43,9 +43,9 @@ The C source is compiled with the system C compiler on first use (about a second
 `$R1KIT_CACHE` (default ~/.cache/r1kit), for AVX-512 where torch finds it (panels of 48 columns,
 tiles of 8 rows) and AVX2 elsewhere (24 columns, 4 rows); `R1KIT_CPU_ISA=avx2` picks the narrower
 build on an AVX-512 CPU, to compare. On a 2-core AVX-512 Xeon, one thread (bench/decode_gemm.py, the
-builds run one after the other): the AVX2 build's products lost to MKL at 32-64 rows (0.87x, 0.68x);
-the AVX-512 build with its prefetch ran them at 1.29x and 1.08x MKL (2.30x at 8 rows), and a 32-row
-decode step of the 25M model took 20.8 ms against the AVX2 build's 36.9 ms. Without an x86 CPU with AVX2 and FMA, or without a
+builds run one after the other): the AVX2 build's products lost to MKL at 32-64 rows (0.84x, 0.68x);
+the AVX-512 build with its prefetch ran them at 1.34x and 1.04x MKL (2.15x at 8 rows), and a 32-row
+decode step of the 25M model took 21.3 ms against the AVX2 build's 32.3 ms. Without an x86 CPU with AVX2 and FMA, or without a
 compiler, `library()` is None and every product stays on torch. `R1KIT_CPU_GEMM=0` turns it off;
 `R1KIT_FUSED_DECODE=0` turns off only the C blocks (`decode_block`).
 """
