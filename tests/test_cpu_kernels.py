@@ -112,6 +112,30 @@ def test_decoding_with_and_without_kernels_agrees(preset, monkeypatch):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
+@needs_kernels
+@pytest.mark.parametrize("preset", ["qwen2", "tiny"])
+def test_a_model_that_decoded_can_be_deep_copied(preset):
+    """GRPO's reference model is copy.deepcopy(policy), and a policy may have decoded before (an
+    evaluation first, as bench/r1zero.py does): its one-call decode plan holds a lock and pointers
+    into its own packed weights: the copy leaves it behind (and plans again where it can), and decodes
+    the same tokens."""
+    import copy
+    torch.manual_seed(0)
+    if preset == "qwen2":
+        cfg = ModelConfig(model_type="qwen2", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    else:
+        cfg = ModelConfig.preset("tiny", vocab_size=300)
+    model = Transformer(cfg).eval()
+    params = SamplingParams(n=2, max_tokens=8, temperature=0)
+    ours = Engine(model, max_batch_size=8).generate([[1, 2, 3], [4, 5]], params)
+    assert model.__dict__.get("_decode_stack") is not None  # the one-call path ran
+    twin = copy.deepcopy(model)
+    assert twin.__dict__.get("_decode_stack") is None
+    theirs = Engine(twin, max_batch_size=8).generate([[1, 2, 3], [4, 5]], params)
+    assert [g.token_ids for g in theirs] == [g.token_ids for g in ours]
+
+
 def test_engine_packs_small_models_only(monkeypatch):
     cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1)

@@ -115,7 +115,7 @@ static inline void store_row(float *y, vec a0, vec a1, vec a2, int64_t nn, const
         for (int64_t k = 0; k < K; k++) {                                                             \
             const float *wk = panel + k * NR;                                                         \
             vec w0 = vload(wk), w1 = vload(wk + VW), w2 = vload(wk + 2 * VW), b;                      \
-            if (pf) { /* the next panel, into L2, while this one computes */                          \
+            if (pf) { /* the next panel's row k (48 floats: 3 lines), into L2, while this one runs */  \
                 _mm_prefetch(pf + 4 * k * NR, _MM_HINT_T1);                                          \
                 _mm_prefetch(pf + 4 * k * NR + 64, _MM_HINT_T1);                                     \
                 _mm_prefetch(pf + 4 * k * NR + 128, _MM_HINT_T1);                                    \

@@ -415,6 +415,11 @@ class _Stack:
         self.cache_key = None
         self.lock = threading.Lock()  # run() points `ptrs` at its cache: one step at a time per model
 
+    def __deepcopy__(self, memo):
+        """A copied model (GRPO's reference model is a deepcopy) plans its own stack on first use:
+        this one points at the original's packed weights, and holds a lock, which cannot be copied."""
+        return None
+
     def fingerprint(self) -> tuple:
         return fingerprint(self.tensors)  # a per-tensor version() of ~100 weights cost ~0.8 ms a step
 
