@@ -45,8 +45,8 @@ tiles of 8 rows) and AVX2 elsewhere (24 columns, 4 rows); `R1KIT_CPU_ISA=avx2` p
 build on an AVX-512 CPU, to compare. On a 2-core AVX-512 Xeon, one thread (bench/decode_gemm.py, the
 builds run one after the other): the AVX2 build's products lost to MKL at 32-64 rows (0.84x, 0.68x);
 the AVX-512 build with its prefetch ran them at 1.34x and 1.04x MKL (2.15x at 8 rows), and a 32-row
-decode step of the 25M model took 21.3 ms against the AVX2 build's 32.3 ms. Without an x86 CPU with AVX2 and FMA, or without a
-compiler, `library()` is None and every product stays on torch. `R1KIT_CPU_GEMM=0` turns it off;
+decode step of the 25M model took 21.3 ms against the AVX2 build's 32.3 ms. Without an x86 CPU with
+AVX2 and FMA, or without a compiler, `library()` is None and every product stays on torch. `R1KIT_CPU_GEMM=0` turns it off;
 `R1KIT_FUSED_DECODE=0` turns off only the C blocks (`decode_block`).
 """
 from __future__ import annotations
@@ -416,8 +416,9 @@ class _Stack:
         self.lock = threading.Lock()  # run() points `ptrs` at its cache: one step at a time per model
 
     def __deepcopy__(self, memo):
-        """A copied model (GRPO's reference model is a deepcopy) plans its own stack on first use:
-        this one points at the original's packed weights, and holds a lock, which cannot be copied."""
+        """A copied model (GRPO's reference model is a deepcopy) leaves the plan behind: it points at
+        the original's packed weights and holds a lock, which cannot be copied. The copy's next decode
+        plans again where it can."""
         return None
 
     def fingerprint(self) -> tuple:
