@@ -177,6 +177,27 @@ def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
     assert cpu_kernels.library() is None
 
 
+@needs_kernels
+def test_a_compiler_without_avx512_falls_back_to_the_avx2_build(monkeypatch, tmp_path):
+    """On an AVX-512 CPU whose compiler cannot target AVX-512 (an old gcc), the AVX2 build is used."""
+    import shutil
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-mavx512f*) exit 1;; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setattr(cpu_kernels, "_LIB", None)
+    monkeypatch.setattr(cpu_kernels, "_TRIED", False)
+    monkeypatch.setenv("R1KIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.delenv("R1KIT_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    lib = cpu_kernels.library()
+    assert lib is not None and lib.nr == 24
+    assert [f.name for f in (tmp_path / "cache").iterdir()][0].endswith("-avx2.so")
+    w, x = torch.randn(30, 16), torch.randn(5, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.PackedWeight()(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
 def test_an_isa_this_cpu_lacks_is_refused(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_LIB", None)
     monkeypatch.setattr(cpu_kernels, "_TRIED", False)

@@ -124,13 +124,18 @@ def library() -> ctypes.CDLL | None:
     isa = os.environ.get("R1KIT_CPU_ISA") or _isa()  # R1KIT_CPU_ISA=avx2: the narrower build, to compare
     if isa not in {"avx2", _isa()}:
         raise ValueError(f"R1KIT_CPU_ISA={isa!r}: this CPU runs {sorted({'avx2', _isa()})}; unset it or pick one")
-    path = _cache_dir() / f"cpu_kernels-{digest}-{isa}.so"
-    try:
-        if not path.exists():
-            _build(path, isa)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"r1kit: CPU decode kernels unavailable, using torch's products ({e}). "
+    lib, errors = None, []
+    for isa in dict.fromkeys([isa, "avx2"]):  # a compiler without AVX-512 support still builds the AVX2 one
+        path = _cache_dir() / f"cpu_kernels-{digest}-{isa}.so"
+        try:
+            if not path.exists():
+                _build(path, isa)
+            lib = ctypes.CDLL(str(path))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            errors.append(f"{isa}: {e}")
+    if lib is None:
+        warnings.warn(f"r1kit: CPU decode kernels unavailable, using torch's products ({'; '.join(errors)}). "
                       f"Install a C compiler (gcc) to enable them, or set R1KIT_CPU_GEMM=0 to silence this.")
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
