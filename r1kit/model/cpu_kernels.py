@@ -121,11 +121,12 @@ def library() -> ctypes.CDLL | None:
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    isa = os.environ.get("R1KIT_CPU_ISA") or _isa()  # R1KIT_CPU_ISA=avx2: the narrower build, to compare
-    if isa not in {"avx2", _isa()}:
-        raise ValueError(f"R1KIT_CPU_ISA={isa!r}: this CPU runs {sorted({'avx2', _isa()})}; unset it or pick one")
+    native = _isa()
+    wanted = os.environ.get("R1KIT_CPU_ISA") or native  # R1KIT_CPU_ISA=avx2: the narrower build, to compare
+    if wanted not in {"avx2", native}:
+        raise ValueError(f"R1KIT_CPU_ISA={wanted!r}: this CPU runs {sorted({'avx2', native})}; unset it or pick one")
     lib, errors = None, []
-    for isa in dict.fromkeys([isa, "avx2"]):  # a compiler without AVX-512 support still builds the AVX2 one
+    for isa in dict.fromkeys([wanted, "avx2"]):  # a compiler without AVX-512 support still builds the AVX2 one
         path = _cache_dir() / f"cpu_kernels-{digest}-{isa}.so"
         try:
             if not path.exists():
