@@ -170,3 +170,41 @@ def test_grpo_on_gpu_runs_and_logs(tmp_path):
     assert len(result.history) == 3 and result.skipped_steps == 0
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
     assert next(model.parameters()).device.type == "cuda"
+
+
+def test_torchrun_on_gpu_with_nccl_matches_one_process(tmp_path):
+    """torchrun on the GPU: NCCL's process group on the rank's cuda device, whose collectives take
+    only GPU tensors (the loss sums and eval losses live on the CPU). One process, since NCCL refuses
+    two ranks on one GPU, so DDP/FSDP2 themselves are not wrapped here (tests/test_distributed.py
+    runs them with two ranks on gloo). SFT: the same steps as a plain run on the same GPU, equal
+    losses and final weights; GRPO: two steps through the command line."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from r1kit.train.config import load_recipe
+    from r1kit.train.sft import SFTConfig, train_sft
+    from test_distributed import RECIPE, REPO, STEPS, check_grpo_run, free_port, metrics, run_grpo
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}*{b}=", "completion": f"{a * b}" + "!" * (a % 5)}) + "\n"
+                            for a in range(12) for b in range(10)))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE.replace("{data}", str(data)))
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+           "-m", "r1kit.cli", "train", "sft", "--config", str(recipe), f"output_dir={out}",
+           "per_device_train_batch_size=4", "device=cuda"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train_sft(load_recipe(SFTConfig, recipe, {"output_dir": str(tmp_path / "single"), "device": "cuda",
+                                                       "per_device_train_batch_size": 4}))
+    losses, ref = metrics(out)[0], metrics(tmp_path / "single")[0]
+    assert len(losses) == STEPS and max(abs(a - b) for a, b in zip(losses, ref)) < 1e-4, (losses, ref)
+    ours, theirs = load_file(str(out / "final" / "model.safetensors")), load_file(str(single.final_path / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours) < 1e-4
+
+    check_grpo_run(run_grpo(tmp_path, 1, "device=cuda", "save_every=1")[0], tmp_path / "base")

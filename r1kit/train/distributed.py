@@ -84,7 +84,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
+    """Sum `t` over the ranks, in place, wherever it lives: NCCL reduces only GPU tensors, so a CPU
+    tensor (a step's loss sums, say) goes through this rank's GPU and back; gloo takes it as it is."""
+    if not dist.is_initialized():
+        return t
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        t.copy_(on_gpu)
+    else:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -165,6 +173,42 @@ def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 sharded this model (or a part of it) in place."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def cpu_model(config, state: dict) -> nn.Module:
+    """A CPU Transformer holding a gathered full state dict (what rank 0 saves under FSDP)."""
+    from r1kit.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, assign=True, strict=False)
+    return model
+
+
+def saveable_model(model: nn.Module) -> nn.Module | None:
+    """The model with its full weights for rank 0 to write, or None on the other ranks. Under FSDP
+    every rank must call this: the shards are gathered (to rank 0's CPU) collectively."""
+    if is_sharded(model):
+        full = full_model_state(model, "fsdp")
+        return cpu_model(model.config, full) if not dist.is_initialized() or dist.get_rank() == 0 else None
+    return model if not dist.is_initialized() or dist.get_rank() == 0 else None
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict into a model, sharded by FSDP2 or not."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
 
 
 def full_model_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ reference model exists only when `beta > 0`; `gradient_checkpointing` recomputes
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -46,6 +47,7 @@ import torch
 
 from r1kit.allocator import keep_freed_memory
 from r1kit.model.transformer import Cache
+from r1kit.train import distributed as dist_
 from r1kit.train.grpo_loss import (
     LOSS_TYPES,
     entropy_from_logits,
@@ -644,13 +646,33 @@ def _all_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
     """Average scalar metrics over ranks (each rank holds the same number of completions)."""
     if world_size == 1 or not values:
         return values
-    import torch.distributed as dist
-
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
+    t = dist_.all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
     return {k: float(v) / world_size for k, v in zip(keys, t.tolist())}
+
+
+@contextlib.contextmanager
+def whole_weights(model):
+    """FSDP2 (a model sharded in place by `wrap_for_update`): gather every shard once for the engine
+    and keep the weights whole while it decodes, then shard them again. Gathering outside inference
+    mode matters: FSDP keeps the buffers of its first gather, and ones made under the engine's
+    inference mode could not be written by the update's gathers. Any other model: nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    with torch.no_grad():
+        for m in sharded:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)  # not after each decode step's forward
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def _make_engine(model, tokenizer, config: GRPOConfig, max_prompt_len: int, local_completions: int):
@@ -729,7 +751,7 @@ def train_grpo(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_opt_steps))
     ref_model = None
     if config.beta > 0:  # beta = 0: no reference model at all (no memory, no forward)
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = _reference_copy(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing = True
     engine = _make_engine(model, tokenizer, config, max_prompt_len, local_completions)
@@ -773,36 +795,38 @@ def train_grpo(
             dropped: list[Rollout] = []
             gen_time, gen_tokens, prompt_tokens, rounds, first_no_signal = 0.0, 0, 0, 0, None
             errors, first_error = 0, None
-            while True:
-                rounds += 1
-                idx = next_prompts(local_prompts * world_size)
-                samples = [train_samples[i] for i in idx]
-                tg = time.perf_counter()
-                with torch.inference_mode():
-                    rollout = generate_rollout(engine, tokenizer, samples, [prompt_ids_of(i) for i in idx], config,
-                                               seed=config.seed * 1_000_003 + step * 1009 + rounds * 31 + rank)
-                gen_time += time.perf_counter() - tg
-                gen_tokens += int(rollout.completion_mask.sum())
-                prompt_tokens += sum(len(prompt_ids_of(i)) for i in idx)  # prefilled once per prompt, not per sample
-                counters = score_rollout(rollout, reward_fn, config)
-                errors += counters["reward_errors"]
-                first_error = first_error or counters["reward_error"]
-                flat = no_signal_mask(rollout.rewards, G)
-                if first_no_signal is None:
-                    first_no_signal, first_rollout = float(flat.float().mean()), rollout
-                if not config.dynamic_sampling:
-                    kept.append(rollout)
-                    break
-                rows = lambda groups: [g * G + j for g in groups for j in range(G)]  # noqa: E731
-                good = [g for g in range(len(flat)) if not flat[g]]
-                bad = [g for g in range(len(flat)) if flat[g]]
-                if good:
-                    kept.append(rollout.select(rows(good)))
-                if bad:
-                    dropped.append(rollout.select(rows(bad)))
-                have = sum(len(r) for r in kept)
-                if have >= local_completions or rounds >= config.max_sampling_rounds:
-                    break
+            # FSDP: the shards gathered once for all rounds (ranks may run different numbers of them)
+            with whole_weights(model):
+                while True:
+                    rounds += 1
+                    idx = next_prompts(local_prompts * world_size)
+                    samples = [train_samples[i] for i in idx]
+                    tg = time.perf_counter()
+                    with torch.inference_mode():
+                        rollout = generate_rollout(engine, tokenizer, samples, [prompt_ids_of(i) for i in idx], config,
+                                                   seed=config.seed * 1_000_003 + step * 1009 + rounds * 31 + rank)
+                    gen_time += time.perf_counter() - tg
+                    gen_tokens += int(rollout.completion_mask.sum())
+                    prompt_tokens += sum(len(prompt_ids_of(i)) for i in idx)  # prefilled once per prompt, not per sample
+                    counters = score_rollout(rollout, reward_fn, config)
+                    errors += counters["reward_errors"]
+                    first_error = first_error or counters["reward_error"]
+                    flat = no_signal_mask(rollout.rewards, G)
+                    if first_no_signal is None:
+                        first_no_signal, first_rollout = float(flat.float().mean()), rollout
+                    if not config.dynamic_sampling:
+                        kept.append(rollout)
+                        break
+                    rows = lambda groups: [g * G + j for g in groups for j in range(G)]  # noqa: E731
+                    good = [g for g in range(len(flat)) if not flat[g]]
+                    bad = [g for g in range(len(flat)) if flat[g]]
+                    if good:
+                        kept.append(rollout.select(rows(good)))
+                    if bad:
+                        dropped.append(rollout.select(rows(bad)))
+                    have = sum(len(r) for r in kept)
+                    if have >= local_completions or rounds >= config.max_sampling_rounds:
+                        break
             rollout = Rollout.concat(kept + dropped)  # signal first; no-signal groups only fill the remainder
             rollout = rollout.select(list(range(local_completions)))
             rollout.advantages = group_advantages(rollout.rewards, G, config.scale_rewards)
@@ -852,7 +876,8 @@ def train_grpo(
                 metrics["reward_error"] = first_error
             if eval_fn is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 model.eval()
-                metrics.update({f"eval/{k}": v for k, v in eval_fn(model, step + 1).items()})
+                with whole_weights(model):
+                    metrics.update({f"eval/{k}": v for k, v in eval_fn(model, step + 1).items()})
             history.append(metrics)
             log.step(metrics)
             if config.sample_every and (step + 1) % config.sample_every == 0:
@@ -865,7 +890,8 @@ def train_grpo(
                 break
         if eval_fn is not None:
             model.eval()
-            final_eval = eval_fn(model, len(history) + start_step)
+            with whole_weights(model):
+                final_eval = eval_fn(model, len(history) + start_step)
         if config.output_dir and config.save_every and history and history[-1]["step"] % config.save_every:
             _save(config, model, tokenizer, optimizer, scheduler, ref_model, history[-1]["step"], rank, dict(draw))
     finally:
@@ -902,11 +928,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
             mb_rows = perm[start:start + minibatch]
             num_items = rollout.completion_mask[mb_rows].sum()
             if world_size > 1 and config.loss_type == "dapo":
-                import torch.distributed as dist
-
-                num_items = num_items.to(next(model.parameters()).device)
-                dist.all_reduce(num_items)
-                num_items = num_items / world_size
+                num_items = dist_.all_reduce_sum(num_items.to(next(model.parameters()).device)) / world_size
             optimizer.zero_grad(set_to_none=True)
             bad = False
             # length buckets and skipped rows: not under DDP (every rank must run the same number of
@@ -1034,21 +1056,30 @@ def _rollout_metrics(sampled: Rollout, trained: Rollout, G: int) -> dict:
 def _save(config, model, tokenizer, optimizer, scheduler, ref_model, step: int, rank: int, draw: dict) -> None:
     """checkpoint-<step>: a Hugging Face folder plus trainer_state/ (r1kit.train.trainer_state), atomic.
 
-    A step whose loss or gradient was not finite never reached the weights; they are checked once
-    more here, so a checkpoint with non-finite weights is never written.
+    Every rank calls this: under FSDP the weights, the optimizer state and the reference model are
+    gathered collectively; rank 0 writes. The optimizer state is keyed by parameter name (as SFT's),
+    and every rank's RNG state is kept. A step whose loss or gradient was not finite never reached
+    the weights; they are checked once more here, so a checkpoint with non-finite weights is never
+    written.
     """
-    if rank != 0:
-        return
     from r1kit.train import trainer_state as ts
 
-    if any(not torch.isfinite(p).all() for p in model.parameters()):
+    to_save = dist_.saveable_model(model)
+    optim_state = dist_.full_optimizer_state(model, optimizer)
+    ref_state = None
+    if ref_model is not None:
+        ref_state = (dist_.full_model_state(ref_model, "fsdp") if dist_.is_sharded(ref_model)
+                     else ref_model.state_dict())
+    rngs = dist_.all_gather_object(ts.rng_state())
+    if rank != 0:
+        return
+    if any(not torch.isfinite(p).all() for p in to_save.parameters()):
         print(f"grpo: weights are not finite at step {step}; checkpoint not written", file=sys.stderr)
         return
     ts.save_checkpoint(
-        config.output_dir, step, model, tokenizer,
-        optimizer_state={"optimizer": optimizer.state_dict(),
-                         "ref_model": None if ref_model is None else ref_model.state_dict()},
-        scheduler_state=scheduler.state_dict(), rng_states=[ts.rng_state()],
+        config.output_dir, step, to_save, tokenizer,
+        optimizer_state={"optimizer": optim_state, "ref_model": ref_state},
+        scheduler_state=scheduler.state_dict(), rng_states=rngs,
         state={"step": step, "kind": "grpo", "draw": draw, "config": dataclasses.asdict(config)},
     )
 
@@ -1062,13 +1093,19 @@ def _maybe_resume(config, model, optimizer, scheduler, ref_model) -> tuple[int, 
     if not found:
         return 0, {}
     step, path = found[-1]
-    model.load_state_dict(load_model(path).state_dict())
+    dist_.load_full_model_state(model, load_model(path).state_dict())
     state = ts.load_trainer_state(path)
-    optimizer.load_state_dict(state["optimizer"]["optimizer"])
+    optim_state = state["optimizer"]["optimizer"]
+    if all(isinstance(k, int) for k in optim_state.get("state", {})) and optim_state.get("state"):
+        optimizer.load_state_dict(optim_state)  # a checkpoint from before name-keyed optimizer states
+    else:
+        dist_.load_optimizer_state(model, optimizer, optim_state)
     scheduler.load_state_dict(state["scheduler"])
-    ts.set_rng_state(state["rng"][0])
+    rank, _ = _world()
+    rngs = state["rng"]
+    ts.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
     if ref_model is not None and state["optimizer"].get("ref_model") is not None:
-        ref_model.load_state_dict(state["optimizer"]["ref_model"])
+        dist_.load_full_model_state(ref_model, state["optimizer"]["ref_model"])
     print(f"grpo: resumed from {path} (step {step})", file=sys.stderr)
     return int(state["step"]), dict(state.get("draw") or {})
 
@@ -1100,7 +1137,6 @@ def main_from_config(cfg: dict, source: str = "config") -> GRPOResult:
     only group keys for the reader (r1kit.train.config). Under torchrun each rank generates its
     share of the groups and the update runs under DDP (`distributed = "fsdp"` shards with FSDP2).
     """
-    from r1kit.train import distributed as dist_
 
     config, mode = config_from_dict(cfg, source)
     if not config.model:
@@ -1127,9 +1163,11 @@ def main_from_config(cfg: dict, source: str = "config") -> GRPOResult:
         eval_fn = lambda m, step: evaluate_pass1(m, tokenizer, held_out, config)  # noqa: E731
     try:
         result = train_grpo(config, model, tokenizer, eval_fn=eval_fn, train_model=train_model)
-        if config.output_dir and info.is_main:
-            r1kit.save(model, tokenizer, Path(config.output_dir) / "final")
-            print(f"grpo: saved {Path(config.output_dir) / 'final'}", file=sys.stderr)
+        if config.output_dir:
+            final = dist_.saveable_model(model)  # every rank joins the gather under FSDP
+            if info.is_main:
+                r1kit.save(final, tokenizer, Path(config.output_dir) / "final")
+                print(f"grpo: saved {Path(config.output_dir) / 'final'}", file=sys.stderr)
     finally:
         dist_.cleanup()
     return result
@@ -1137,8 +1175,6 @@ def main_from_config(cfg: dict, source: str = "config") -> GRPOResult:
 
 def wrap_for_update(model, info, mode: str = "auto"):
     """The module the update runs through: the model itself, DDP, or FSDP2 (shards in place)."""
-    from r1kit.train import distributed as dist_
-
     mode = dist_.resolve_mode(mode, info)
     if mode == "none":
         return model
@@ -1148,12 +1184,30 @@ def wrap_for_update(model, info, mode: str = "auto"):
         # broadcast_buffers=False: MoE expert-load counters are per rank (update_router_bias sums them)
         return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                    broadcast_buffers=False)
+    return _shard(model)
+
+
+def _shard(model):
+    """FSDP2 in place: each block its own unit (gathered just before it runs), the rest at the root."""
     from torch.distributed.fsdp import fully_shard
 
     for block in list(model.model.layers) + list(getattr(model, "mtp", [])):
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def _reference_copy(model):
+    """The frozen reference for the KL term: a copy of the policy. FSDP2 cannot deep-copy a sharded
+    model, so there the reference is a new model sharded the same way, given the policy's shards."""
+    if not dist_.is_sharded(model):
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    from r1kit.model import Transformer
+
+    device = next(model.parameters()).device
+    ref = _shard(Transformer(model.config).to(device=device, dtype=next(model.parameters()).dtype))
+    ref.load_state_dict(model.state_dict())  # shard to shard: no gather
+    return ref.eval().requires_grad_(False)
 
 
 def evaluate_pass1(model, tokenizer, samples: list[dict], config: GRPOConfig, verify: Callable | None = None,

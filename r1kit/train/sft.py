@@ -419,7 +419,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
         rngs = dist_.all_gather_object(ts.rng_state())
         path = output_dir / ts.checkpoint_name(step)
         if main:
-            to_save = model if mode != "fsdp" else _cpu_model(model.config, full)
+            to_save = model if mode != "fsdp" else dist_.cpu_model(model.config, full)
             record = {"step": step, "epoch": step / per_epoch, "examples_seen": step * global_batch,
                       "data_fingerprint": data_id, "global_batch_size": global_batch, "seed": config.seed,
                       "world_size": info.world_size, "total_steps": total_steps,
@@ -490,7 +490,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
         if main:
             from r1kit.model.hf import save as save_hf
 
-            save_hf(model if mode != "fsdp" else _cpu_model(model.config, full), tokenizer, final_path)
+            save_hf(model if mode != "fsdp" else dist_.cpu_model(model.config, full), tokenizer, final_path)
         dist_.barrier()
     if main:
         atomic_write_text(output_dir / "data_stats.json", json.dumps(stats.as_dict(), indent=2))
@@ -520,16 +520,6 @@ def _presets():
     from r1kit.model.config import PRESETS
 
     return PRESETS
-
-
-def _cpu_model(config, state: dict):
-    """A CPU Transformer holding a gathered full state dict (FSDP checkpoints)."""
-    from r1kit.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.load_state_dict(state, assign=True, strict=False)
-    return model
 
 
 # ---------------------------------------------------------------------------- command line
