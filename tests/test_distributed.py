@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -177,9 +178,10 @@ def test_grpo_under_torchrun_two_ranks(tmp_path):
     writes the weights gathered from every rank. Under FSDP2 the reference model is sharded too,
     checkpoints gather the optimizer state by parameter name, and a run resumes from them."""
     base = tmp_path / "base"
-    check_grpo_run(run_grpo(tmp_path, 2, "distributed=ddp")[0], base)
+    # two micro-batches per rank: the first accumulates without an all-reduce (no_sync)
+    check_grpo_run(run_grpo(tmp_path, 2, "distributed=ddp", "micro_batch_size=4")[0], base)
     check_grpo_run(run_grpo(tmp_path, 2, "distributed=fsdp", loss_type="dapo", beta=0.0)[0], base)
-    out, _ = run_grpo(tmp_path, 2, "distributed=fsdp", "save_every=1", name="fsdp-kl")
+    out, _ = run_grpo(tmp_path, 2, "distributed=fsdp", "save_every=1", "micro_batch_size=4", name="fsdp-kl")
     assert any(r["kl"] > 0 for r in check_grpo_run(out, base))
     state = torch.load(out / "checkpoint-2" / "trainer_state" / "optimizer.pt", weights_only=False)
     import r1kit
@@ -188,6 +190,104 @@ def test_grpo_under_torchrun_two_ranks(tmp_path):
     assert set(state["optimizer"]["state"]) == {n for n, _ in policy.named_parameters()}  # every rank's shards
     assert state["ref_model"].keys() == policy.state_dict().keys()
     assert all(state["ref_model"][k].shape == v.shape for k, v in policy.state_dict().items())
-    out, err = run_grpo(tmp_path, 2, "distributed=fsdp", "save_every=1", "max_steps=3", name="fsdp-kl")
+    out, err = run_grpo(tmp_path, 2, "distributed=fsdp", "save_every=1", "micro_batch_size=4", "max_steps=3",
+                        name="fsdp-kl")
     assert "resumed from" in err and "step 2" in err
     check_grpo_run(out, base, steps=3)
+
+
+# ---------------------------------------------------------------------------- GRPO's update over two ranks
+
+
+def _grpo_update_config(loss_type: str):
+    from r1kit.train.grpo import GRPOConfig
+
+    return GRPOConfig(template="{prompt}<think>", num_generations=4, batch_size=16, max_completion_length=10,
+                      loss_type=loss_type, beta=0.04, seed=0, progress=False).resolved()
+
+
+def _grpo_model():
+    from r1kit.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.preset("tiny", vocab_size=_char_tokenizer().vocab_size, num_nextn_predict_layers=0,
+                                          hidden_size=64, num_hidden_layers=2))
+
+
+def _char_tokenizer():
+    from r1kit.tokenizer import train_tokenizer
+
+    return train_tokenizer([], kind="char")
+
+
+def _grpo_step(model, train_model, rollout, loss_type: str, world_size: int) -> None:
+    from r1kit.train import grpo
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # the step is the gradient (Adam would amplify rounding)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    grpo._update(_grpo_update_config(loss_type), model, train_model, opt, sched, rollout,
+                 minibatch=len(rollout), micro=max(1, len(rollout) // 2), world_size=world_size, step=0)
+
+
+def _grpo_update_rank(rank: int, world: int, init_file: str, mode: str, loss_type: str, folder: str) -> None:
+    import torch.distributed as dist
+
+    from r1kit.train import distributed as dist_
+    from r1kit.train.grpo import wrap_for_update
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rollout = torch.load(Path(folder) / "rollout.pt", weights_only=False)
+    half = len(rollout) // world
+    part = rollout.select(list(range(rank * half, (rank + 1) * half)))  # this rank's whole groups
+    model = _grpo_model()
+    train_model = wrap_for_update(model, dist_.DistInfo(rank=rank, world_size=world), mode)
+    _grpo_step(model, train_model, part, loss_type, world)
+    final = dist_.saveable_model(model)
+    if rank == 0:
+        torch.save(final.state_dict(), Path(folder) / "two_ranks.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode,loss_type", [("ddp", "grpo"), ("ddp", "dapo"), ("fsdp", "dr_grpo"), ("fsdp", "dapo")])
+def test_grpo_update_on_two_ranks_equals_one_process(mode, loss_type, tmp_path):
+    """The same rollout, split by groups over two ranks (each two micro-batches, accumulated without
+    an all-reduce but the last), under DDP or FSDP2: the same step as one process over all of it, to
+    1e-5 (grpo: per-sequence means; dr_grpo: a constant normaliser; dapo: the token count all-reduced)."""
+    import torch.multiprocessing as mp
+
+    from r1kit.engine import Engine
+    from r1kit.train import grpo
+    from r1kit.train.grpo_loss import group_advantages
+
+    config = _grpo_update_config(loss_type)
+    model = _grpo_model()
+    tok = _char_tokenizer()
+    engine = Engine(_grpo_model(), tok, max_batch_size=16, max_seq_len=32)
+    prompts = [[5, 9, 13], [7, 1, 2, 3], [11, 4], [3, 3, 3, 3, 3]]
+    samples = [{"prompt": "", "answer": "", "task": "toy", "meta": {}}] * len(prompts)
+    with torch.inference_mode():
+        rollout = grpo.generate_rollout(engine, tok, samples, prompts, config, seed=4)
+    g = torch.Generator().manual_seed(1)
+    rollout.rewards = torch.rand(len(rollout), generator=g)
+    rollout.advantages = group_advantages(rollout.rewards, config.num_generations, config.scale_rewards)
+    # completions of different lengths, so that the two ranks hold different numbers of tokens (dapo)
+    keep = torch.arange(rollout.completion_mask.shape[1]) < torch.randint(2, 11, (len(rollout), 1), generator=g)
+    rollout.completion_mask = rollout.completion_mask * keep
+    rollout.old_logprobs = rollout.old_logprobs * rollout.completion_mask
+    rollout.ref_logprobs = (rollout.old_logprobs + 0.1 * torch.randn(rollout.old_logprobs.shape, generator=g)) \
+        * rollout.completion_mask
+    torch.save(rollout, tmp_path / "rollout.pt")
+
+    _grpo_step(model, model, rollout, loss_type, 1)
+    mp.spawn(_grpo_update_rank, args=(2, str(tmp_path / "init"), mode, loss_type, str(tmp_path)), nprocs=2)
+    two = torch.load(tmp_path / "two_ranks.pt")
+    start = _grpo_model().state_dict()
+    moved = max((v - start[k]).abs().max().item() for k, v in model.named_parameters())
+    assert moved > 1e-3
+    # the weights; not the balancing bias, which follows the expert load of the tokens each pass ran
+    # (one process runs each group's prompt once and trims its length buckets: fewer tokens)
+    for k, v in model.named_parameters():
+        assert (two[k] - v).abs().max().item() < 1e-5, k
+

@@ -922,6 +922,9 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
     no_gradient = _rows_without_gradient(config, model, rollout)
     lengths = rollout.lengths()
     share = can_share_prompts(config, model, train_model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    mode = "ddp" if isinstance(train_model, DistributedDataParallel) else "fsdp" if dist_.is_sharded(model) else "none"
     for _ in range(config.num_iterations):
         perm = torch.randperm(B, generator=gen).tolist() if config.num_minibatches > 1 else list(range(B))
         for start in range(0, B, minibatch):
@@ -943,7 +946,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
             else:
                 prompts = _prompt_pass(train_model, rollout, mb_rows) if share else None
                 chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
-            for rows in chunks:
+            for i, rows in enumerate(chunks):
                 rows_trained += len(rows)
                 tokens_trained += sum(lengths[r] for r in rows)
                 part = rollout.select(rows).trimmed()
@@ -967,7 +970,10 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                     loss = loss + sum(aux) * (len(rows) / len(mb_rows))
                 if not torch.isfinite(loss):
                     bad = True
-                loss.backward()  # even when non-finite: DDP ranks must all reach the all-reduce
+                # even when non-finite: DDP ranks must all reach the all-reduce, which only the last
+                # micro-batch of the minibatch runs (the others' gradients accumulate locally)
+                with dist_.no_sync(train_model, mode, last_micro_step=i == len(chunks) - 1):
+                    loss.backward()
                 m["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -975,6 +981,8 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
             if prompts is not None:
                 prompts.backward()  # the buckets' gradients, through the one prompt pass
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if world_size > 1:  # one rank's non-finite loss skips the step on every rank, or they drift apart
+                bad = bool(dist_.all_reduce_sum(torch.tensor([float(bad)]))[0] > 0)
             if bad or not torch.isfinite(grad_norm):
                 # skip: no optimizer step, no scheduler step; Adam's moments and the weights stay clean
                 optimizer.zero_grad(set_to_none=True)
