@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 import torch
 
+import r1kit
 from r1kit.model import ModelConfig, Transformer
 from r1kit.tasks.arithmetic import ArithmeticTask
 from r1kit.tokenizer import train_tokenizer
@@ -480,15 +481,22 @@ def test_compiled_update_takes_the_eager_step(tok, kind):
 # ---------------------------------------------------------------------------- checkpoints and recipes
 
 
-def test_resume_continues_from_the_newest_checkpoint(tok, tmp_path):
-    model = dense_model(tok)
-    train_grpo(quick_config(output_dir=str(tmp_path), save_every=1), model, tok, toy_samples(), length_reward)
-    assert (tmp_path / "checkpoint-2").is_dir()
+def test_resume_continues_from_the_newest_checkpoint_exactly(tok, tmp_path):
+    """Two steps, stop, resume to four: the same rewards and weights, bit for bit, as four steps in one
+    run (weights, name-keyed optimizer state, scheduler, RNG, prompt draw, reference model)."""
+    graded = lambda text, sample: len(text) / 8.0  # noqa: E731 (a reward with signal in every group)
+    config = lambda out, steps: quick_config(output_dir=str(out), save_every=1, max_steps=steps, beta=0.04)  # noqa: E731
+    straight = train_grpo(config(tmp_path / "a", 4), dense_model(tok), tok, toy_samples(), graded)
+    train_grpo(config(tmp_path / "b", 2), dense_model(tok), tok, toy_samples(), graded)
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
     resumed = dense_model(tok, seed=5)  # different weights: the checkpoint's must be loaded
-    result = train_grpo(quick_config(output_dir=str(tmp_path), save_every=1, max_steps=3), resumed, tok,
-                        toy_samples(), length_reward)
-    assert [h["step"] for h in result.history] == [3]
-    assert (tmp_path / "checkpoint-3").is_dir()
+    result = train_grpo(config(tmp_path / "b", 4), resumed, tok, toy_samples(), graded)
+    assert [h["step"] for h in result.history] == [3, 4]
+    assert [h["reward"] for h in result.history] == [h["reward"] for h in straight.history[2:]]
+    a, _ = r1kit.load(tmp_path / "a" / "checkpoint-4")
+    b, _ = r1kit.load(tmp_path / "b" / "checkpoint-4")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), dense_model(tok).parameters()))
 
 
 def test_recipes_parse(tmp_path):
