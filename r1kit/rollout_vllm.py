@@ -10,7 +10,9 @@ does so whenever the backend sets `recompute_old_logprobs`).
 Weights: vLLM keeps its own copy. At start the policy is written to a temporary Hugging Face folder
 that vLLM loads (colocated on the same GPU, `gpu_memory_utilization` sized to leave room for the
 update); before each rollout `sync_weights` streams the policy's current tensors into vLLM's model
-with `load_weights`, the same mechanism TRL's colocate mode uses. Not exercised by r1kit's CPU tests.
+with `load_weights`, the same mechanism TRL's colocate mode uses. Under FSDP2 every rank's vLLM
+gets the whole weights, gathered from the shards. vLLM itself is not exercised by r1kit's CPU tests
+(the gathering is).
 """
 from __future__ import annotations
 
@@ -18,6 +20,21 @@ import tempfile
 from pathlib import Path
 
 from r1kit.engine import Generation, SamplingParams
+
+
+def _sharded(model) -> bool:
+    from r1kit.train.distributed import is_sharded
+
+    return is_sharded(model)
+
+
+def _whole_state(model) -> dict:
+    """The policy's state dict with whole tensors on every rank (under FSDP2, gathered from the shards)."""
+    if not _sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
 class VLLMEngine:
@@ -36,13 +53,18 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self._to_hf = r1kit_to_hf
         self._folder = tempfile.TemporaryDirectory(prefix="r1kit-vllm-")
-        r1kit.save(model, tokenizer, Path(self._folder.name) / "policy")
+        whole = model
+        if _sharded(model):  # FSDP2: this rank's vLLM loads the whole policy, gathered from the shards
+            from r1kit.train.distributed import cpu_model
+
+            whole = cpu_model(model.config, {k: v.cpu() for k, v in _whole_state(model).items()})
+        r1kit.save(whole, tokenizer, Path(self._folder.name) / "policy")
         self.llm = LLM(model=str(Path(self._folder.name) / "policy"), dtype=dtype, max_model_len=max_seq_len,
                        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
 
     def sync_weights(self, model) -> None:
         """Copy the policy's current weights into vLLM (names as in the Hugging Face checkpoint)."""
-        state = self._to_hf({k: v.detach() for k, v in model.state_dict().items()}, model.config)
+        state = self._to_hf({k: v.detach() for k, v in _whole_state(model).items()}, model.config)
         engine = self.llm.llm_engine
         if hasattr(self.llm, "collective_rpc"):  # vLLM >= 0.8 (V1 engine)
             items = list(state.items())

@@ -291,3 +291,30 @@ def test_grpo_update_on_two_ranks_equals_one_process(mode, loss_type, tmp_path):
     for k, v in model.named_parameters():
         assert (two[k] - v).abs().max().item() < 1e-5, k
 
+
+
+def _whole_state_rank(rank: int, world: int, init_file: str, folder: str) -> None:
+    import torch.distributed as dist
+
+    from r1kit.rollout_vllm import _whole_state
+    from r1kit.train.grpo import _shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _shard(_grpo_model())
+    state = _whole_state(model)
+    torch.save({k: v for k, v in state.items()}, Path(folder) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_the_vllm_backend_reads_whole_weights_from_fsdp_shards(tmp_path):
+    """vLLM (optional, GPU) keeps its own whole copy of the policy on every rank: under FSDP2 the
+    weights it loads and syncs are gathered from the shards, on every rank, not one rank's shard."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_whole_state_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    reference = _grpo_model().state_dict()
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert state.keys() == reference.keys()
+        assert all(type(v) is torch.Tensor and torch.equal(v, reference[k]) for k, v in state.items())
