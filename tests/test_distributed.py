@@ -179,7 +179,7 @@ def test_grpo_under_torchrun_two_ranks(tmp_path):
     checkpoints gather the optimizer state by parameter name, and a run resumes from them."""
     base = tmp_path / "base"
     # two micro-batches per rank: the first accumulates without an all-reduce (no_sync)
-    check_grpo_run(run_grpo(tmp_path, 2, "distributed=ddp", "micro_batch_size=4")[0], base)
+    check_grpo_run(run_grpo(tmp_path, 2, "distributed=ddp", "micro_batch_size=4", "save_every=2")[0], base)
     check_grpo_run(run_grpo(tmp_path, 2, "distributed=fsdp", loss_type="dapo", beta=0.0)[0], base)
     out, _ = run_grpo(tmp_path, 2, "distributed=fsdp", "save_every=1", "micro_batch_size=4", name="fsdp-kl")
     assert any(r["kl"] > 0 for r in check_grpo_run(out, base))

@@ -1104,7 +1104,8 @@ def _maybe_resume(config, model, optimizer, scheduler, ref_model) -> tuple[int, 
     dist_.load_full_model_state(model, load_model(path).state_dict())
     state = ts.load_trainer_state(path)
     optim_state = state["optimizer"]["optimizer"]
-    if all(isinstance(k, int) for k in optim_state.get("state", {})) and optim_state.get("state"):
+    groups = optim_state.get("param_groups") or [{}]
+    if any(isinstance(i, int) for i in groups[0].get("params", [])):
         optimizer.load_state_dict(optim_state)  # a checkpoint from before name-keyed optimizer states
     else:
         dist_.load_optimizer_state(model, optimizer, optim_state)
@@ -1212,8 +1213,12 @@ def _reference_copy(model):
         return copy.deepcopy(model).eval().requires_grad_(False)
     from r1kit.model import Transformer
 
-    device = next(model.parameters()).device
-    ref = _shard(Transformer(model.config).to(device=device, dtype=next(model.parameters()).dtype))
+    ref = Transformer(model.config).to(next(model.parameters()).device)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}  # as the policy's (bf16 weights, fp32 buffers)
+    for name, t in [*ref.named_parameters(), *ref.named_buffers()]:
+        if name in dtypes and t.dtype != dtypes[name]:
+            t.data = t.data.to(dtypes[name])
+    ref = _shard(ref)
     ref.load_state_dict(model.state_dict())  # shard to shard: no gather
     return ref.eval().requires_grad_(False)
 
