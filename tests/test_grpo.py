@@ -481,22 +481,29 @@ def test_compiled_update_takes_the_eager_step(tok, kind):
 # ---------------------------------------------------------------------------- checkpoints and recipes
 
 
-def test_resume_continues_from_the_newest_checkpoint_exactly(tok, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_continues_from_the_newest_checkpoint_exactly(tok, tmp_path, dtype):
     """Two steps, stop, resume to four: the same rewards and weights, bit for bit, as four steps in one
-    run (weights, name-keyed optimizer state, scheduler, RNG, prompt draw, reference model)."""
+    run (weights, name-keyed optimizer state, scheduler, RNG, prompt draw, reference model). A bf16
+    policy (the GPU recipe's dtype) keeps float32 master weights and moments in its checkpoints."""
     graded = lambda text, sample: len(text) / 8.0  # noqa: E731 (a reward with signal in every group)
     config = lambda out, steps: quick_config(output_dir=str(out), save_every=1, max_steps=steps, beta=0.04)  # noqa: E731
-    straight = train_grpo(config(tmp_path / "a", 4), dense_model(tok), tok, toy_samples(), graded)
-    train_grpo(config(tmp_path / "b", 2), dense_model(tok), tok, toy_samples(), graded)
+    policy = lambda seed=0: dense_model(tok, seed=seed).to(dtype)  # noqa: E731
+    straight = train_grpo(config(tmp_path / "a", 4), policy(), tok, toy_samples(), graded)
+    train_grpo(config(tmp_path / "b", 2), policy(), tok, toy_samples(), graded)
     assert (tmp_path / "b" / "checkpoint-2").is_dir()
-    resumed = dense_model(tok, seed=5)  # different weights: the checkpoint's must be loaded
+    resumed = policy(seed=5)  # different weights: the checkpoint's must be loaded
     result = train_grpo(config(tmp_path / "b", 4), resumed, tok, toy_samples(), graded)
     assert [h["step"] for h in result.history] == [3, 4]
     assert [h["reward"] for h in result.history] == [h["reward"] for h in straight.history[2:]]
-    a, _ = r1kit.load(tmp_path / "a" / "checkpoint-4")
-    b, _ = r1kit.load(tmp_path / "b" / "checkpoint-4")
+    a, _ = r1kit.load(tmp_path / "a" / "checkpoint-4", dtype=dtype)
+    b, _ = r1kit.load(tmp_path / "b" / "checkpoint-4", dtype=dtype)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), dense_model(tok).parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), policy().parameters()))
+    state = torch.load(tmp_path / "b" / "checkpoint-4" / "trainer_state" / "optimizer.pt", weights_only=False)
+    kept = {k: v.dtype for k, v in next(iter(state["optimizer"]["state"].values())).items() if k != "step"}
+    assert kept == ({"exp_avg": torch.float32, "exp_avg_sq": torch.float32, "master": torch.float32}
+                    if dtype == torch.bfloat16 else {"exp_avg": torch.float32, "exp_avg_sq": torch.float32})
 
 
 def test_recipes_parse(tmp_path):

@@ -75,3 +75,56 @@ def test_gpu_fused_kernel_only_for_dense_parameters(monkeypatch):
     assert optim._fusable([FakeDevice(w), FakeDevice(w.t())])
     assert not optim._fusable([FakeDevice(w), FakeDevice(w[:, :2])])
     assert optim._fusable([w, w[:, :2]])  # the CPU kernel takes any strides
+
+
+def test_bf16_parameters_step_through_float32_master_weights():
+    """bf16 weights at lr 1e-6: the master copy follows float32 AdamW exactly (same gradients), the
+    weights are its rounding, and a checkpoint restores masters and moments in float32. Plain AdamW
+    on the bf16 weights leaves almost all of them where they were."""
+    from r1kit.train.optim import MasterWeightAdamW
+
+    def grads(step, params):
+        g = torch.Generator().manual_seed(100 + step)
+        return [torch.randn(p.shape, generator=g).bfloat16() for p in params]  # what bf16 backward gives
+
+    start = [p.detach().mul(0.02) for p in _params(0)]
+    low = [torch.nn.Parameter(t.bfloat16()) for t in start]
+    ref = [torch.nn.Parameter(t.bfloat16().float()) for t in start]  # the same starting values, in float32
+    plain = [torch.nn.Parameter(t.bfloat16()) for t in start]
+    opt = adamw(low, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
+    plain_opt = torch.optim.AdamW(plain, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1)
+    assert isinstance(opt, MasterWeightAdamW)
+
+    def step(i, optimizer, params, cast):
+        for p, g in zip(params, grads(i, params)):
+            p.grad = cast(g)
+        optimizer.step()
+
+    for i in range(3):
+        step(i, opt, low, lambda g: g)
+        step(i, ref_opt, ref, lambda g: g.float())
+        step(i, plain_opt, plain, lambda g: g)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in low]
+    resumed_opt = adamw(resumed, lr=1e-6, betas=(0.9, 0.99), weight_decay=0.1)
+    buffer.seek(0)
+    resumed_opt.load_state_dict(torch.load(buffer))
+    for p in resumed:
+        assert {k: v.dtype for k, v in resumed_opt.state[p].items() if k != "step"} == \
+            {"master": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32}
+    for i in range(3, 6):
+        step(i, opt, low, lambda g: g)
+        step(i, resumed_opt, resumed, lambda g: g)
+        step(i, ref_opt, ref, lambda g: g.float())
+        step(i, plain_opt, plain, lambda g: g)
+    for p, r, q, s in zip(low, ref, resumed, start):
+        assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
+        assert torch.equal(opt.state[p]["master"], r.detach())  # float32 AdamW, step for step
+        assert torch.equal(p.detach(), r.detach().bfloat16())
+        assert torch.equal(q.detach(), p.detach()) and torch.equal(resumed_opt.state[q]["master"], r.detach())
+        # every weight's master moved by ~6e-6, which accumulates until the bf16 weight rounds to a new value
+        assert (opt.state[p]["master"] != s.bfloat16().float()).float().mean() > 0.99
+    moved = sum(int((p.detach() != s.bfloat16()).sum()) for p, s in zip(plain, start))
+    assert moved < 0.1 * sum(s.numel() for s in start)  # plain AdamW in bf16: each update lost to rounding

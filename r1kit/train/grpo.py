@@ -119,7 +119,8 @@ class GRPOConfig:
     max_steps: int = 100
     gradient_checkpointing: bool = False
     compile: bool | str = False  # torch.compile the update's forward (True: inductor; shapes marked dynamic)
-    dtype: str | None = None  # model dtype for main_from_config ("bfloat16" on GPU); None: as saved
+    dtype: str | None = None  # weights' dtype for main_from_config ("bfloat16" on GPU; the optimizer then keeps
+    # float32 master weights, r1kit.train.optim.MasterWeightAdamW); None: float32
     device: str | None = None
 
     # --- what a user watches, and what survives
