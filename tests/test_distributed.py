@@ -1,5 +1,7 @@
-"""torchrun scale-out on CPU (gloo): 2 processes reproduce 1 process over the same global batch,
-for DDP and for FSDP2 (`fully_shard`), to 1e-5 in every step's loss and in the final weights."""
+"""torchrun scale-out on CPU (gloo), for DDP and for FSDP2 (`fully_shard`). SFT: 2 processes reproduce
+1 process over the same global batch, to 1e-5 in every step's loss and in the final weights. GRPO:
+`r1kit train grpo` runs, checkpoints and resumes on 2 ranks, and its update over 2 ranks equals one
+process's to 1e-5."""
 from __future__ import annotations
 
 import json
@@ -177,6 +179,8 @@ def test_grpo_under_torchrun_two_ranks(tmp_path):
     all-reduced, dynamic sampling with a different number of rounds per rank), and rank 0 logs and
     writes the weights gathered from every rank. Under FSDP2 the reference model is sharded too,
     checkpoints gather the optimizer state by parameter name, and a run resumes from them."""
+    import r1kit
+
     base = tmp_path / "base"
     # two micro-batches per rank: the first accumulates without an all-reduce (no_sync)
     check_grpo_run(run_grpo(tmp_path, 2, "distributed=ddp", "micro_batch_size=4", "save_every=2")[0], base)
@@ -184,8 +188,6 @@ def test_grpo_under_torchrun_two_ranks(tmp_path):
     out, _ = run_grpo(tmp_path, 2, "distributed=fsdp", "save_every=1", "micro_batch_size=4", name="fsdp-kl")
     assert any(r["kl"] > 0 for r in check_grpo_run(out, base))
     state = torch.load(out / "checkpoint-2" / "trainer_state" / "optimizer.pt", weights_only=False)
-    import r1kit
-
     policy, _ = r1kit.load(base)
     assert set(state["optimizer"]["state"]) == {n for n, _ in policy.named_parameters()}  # every rank's shards
     assert state["ref_model"].keys() == policy.state_dict().keys()

@@ -57,8 +57,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         swapped = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
+                if p.grad is None or p.dtype not in LOW_PRECISION:
+                    continue  # a float32 parameter (in a mixed model) is its own master
                 master = self.state[p].get("master")
                 if master is None:
                     master = p.detach().float()  # the first step: Adam initialises its state on it
