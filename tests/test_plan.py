@@ -1,6 +1,8 @@
 """`r1kit plan` against a hand calculation, for the real DeepSeek-V3 and R1-Distill-Qwen-7B shapes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from r1kit.cli import main as cli_main
@@ -98,3 +100,21 @@ def test_plan_cli_stops_when_it_will_not_fit(tmp_path, capsys):
     assert cli_main(["plan", "--config", str(recipe), "--device-memory", "80", "--world-size", "8",
                      "distributed=fsdp"]) == 0
     assert "fits" in capsys.readouterr().out
+
+
+def test_plan_reads_r1kits_grpo_recipe():
+    """The GPU GRPO recipe in r1kit's own names: bf16 weights and gradients, AdamW's float32 moments
+    plus its float32 master weights, each rank's share of the step's completions in the KV cache at
+    once, its micro-batch for the update, and the reference model (beta > 0)."""
+    from r1kit.train.config import read_toml
+    from r1kit.train.plan import count_parameters, kv_cache_per_token, plan_recipe
+
+    recipe = read_toml(Path(__file__).resolve().parent.parent / "recipes" / "grpo-gsm8k-r1-distill-qwen-1.5b.toml")
+    recipe["model"] = "r1-distill-qwen-1.5b"
+    plan, inputs = plan_recipe(recipe, "grpo.toml", world_size=2)
+    config = ModelConfig.preset("r1-distill-qwen-1.5b")
+    P = count_parameters(config)
+    assert plan.weights == plan.gradients == 2 * P and plan.optimizer == 12 * P
+    assert inputs["rollout_sequences"] == 256 // 2 and inputs["micro_batch"] == 8 and inputs["act_bytes"] == 2
+    assert plan.kv_cache == 128 * 2048 * config.num_hidden_layers * kv_cache_per_token(config) * 2
+    assert plan.reference == 2 * P

@@ -169,15 +169,21 @@ def plan_recipe(recipe: dict, source: str, world_size: int) -> tuple[MemoryPlan,
     bf16 = r.get("bf16", "auto")
     rollout_len = int(r.get("max_prompt_length", 0) or 0) + int(r.get("max_completion_length", 0) or 0)
     seq_len = int(r.get("max_length", 0) or rollout_len or 512)
-    micro = int(r.get("per_device_train_batch_size", 8))
-    rollouts = 0
-    if rollout_len:
-        rollouts = int(r.get("generation_batch_size", 0) or micro * int(r.get("num_generations", 1)))
+    low = (r.get("param_dtype") or r.get("dtype")) in ("bfloat16", "bf16", "float16", "fp16")
+    if "num_generations" in r and "batch_size" in r:  # r1kit's GRPO recipe (r1kit.train.grpo.GRPOConfig)
+        rollouts = int(r["batch_size"]) // world_size  # each rank generates its share of a step at once
+        micro = int(r.get("micro_batch_size") or rollouts // int(r.get("num_minibatches", 1)))
+        act_bytes = 2 if low else 4  # it computes in the weights' dtype (no autocast)
+    else:  # SFT / pretrain, and TRL's names
+        micro = int(r.get("per_device_train_batch_size", 8))
+        rollouts = 0
+        if rollout_len:
+            rollouts = int(r.get("generation_batch_size", 0) or micro * int(r.get("num_generations", 1)))
+        act_bytes = 4 if bf16 is False else 2
     inputs = dict(micro_batch=micro, seq_len=seq_len, world_size=world_size, sharded=distributed == "fsdp",
                   gradient_checkpointing=bool(r.get("gradient_checkpointing", False)),
-                  param_bytes=2 if r.get("param_dtype") in ("bfloat16", "bf16") else 4,
-                  act_bytes=4 if bf16 is False else 2, rollout_sequences=rollouts, rollout_len=rollout_len,
-                  reference_model=float(r.get("beta", 0) or 0) > 0)
+                  param_bytes=2 if low else 4, act_bytes=act_bytes, rollout_sequences=rollouts,
+                  rollout_len=rollout_len, reference_model=float(r.get("beta", 0) or 0) > 0)
     return estimate(config, **inputs), {"model": name, **inputs}
 
 
