@@ -20,17 +20,12 @@ import tempfile
 from pathlib import Path
 
 from r1kit.engine import Generation, SamplingParams
-
-
-def _sharded(model) -> bool:
-    from r1kit.train.distributed import is_sharded
-
-    return is_sharded(model)
+from r1kit.train.distributed import is_sharded
 
 
 def _whole_state(model) -> dict:
     """The policy's state dict with whole tensors on every rank (under FSDP2, gathered from the shards)."""
-    if not _sharded(model):
+    if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -54,7 +49,7 @@ class VLLMEngine:
         self._to_hf = r1kit_to_hf
         self._folder = tempfile.TemporaryDirectory(prefix="r1kit-vllm-")
         whole = model
-        if _sharded(model):  # FSDP2: this rank's vLLM loads the whole policy, gathered from the shards
+        if is_sharded(model):  # FSDP2: this rank's vLLM loads the whole policy, gathered from the shards
             from r1kit.train.distributed import cpu_model
 
             whole = cpu_model(model.config, {k: v.cpu() for k, v in _whole_state(model).items()})
