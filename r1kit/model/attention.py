@@ -105,7 +105,7 @@ class GQAttention(nn.Module):
             qk = rotary.apply(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
             q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
             q = rotary.apply(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
             k = rotary.apply(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -157,7 +157,7 @@ class MLAttention(nn.Module):
         if self.fused is not None and self.fused.usable():
             q, kv = self.fused(x).split(self.fused.sizes, dim=-1)
         else:
-            q, kv = q_in(x), self.kv_a_proj_with_mqa(x)
+            q, kv = project(q_in, x), project(self.kv_a_proj_with_mqa, x)
         if self.q_lora_rank:
             q = project(self.q_b_proj, self.q_a_layernorm(q))
         q_nope, q_rope = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
@@ -184,7 +184,7 @@ class MLAttention(nn.Module):
         of S positions; the queries are the last T of them (T = S without a cache)."""
         B, S = c_kv.shape[:2]
         T = q_nope.shape[1]
-        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        kv = project(self.kv_b_proj, c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1)

@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from r1kit.model import precision
 from r1kit.model.updates import fingerprint, version
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -260,11 +261,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for an nn.Linear marked by `attach`; any other layer (a quantized one) is just called."""
+def project(layer: nn.Module, x: torch.Tensor, bf16: bool = True) -> torch.Tensor:
+    """layer(x) for an nn.Linear: through its packed copy where `attach` gave it one and it applies, in
+    bf16 products within precision.bf16_matmuls (unless `bf16=False`: the output head); any other
+    layer (a quantized one) is just called."""
     packed = layer.__dict__.get("packed_weight")
     if packed is not None and type(layer) is nn.Linear and packed.accepts(x, layer.weight):
         return packed(x, layer.weight, layer.bias)
+    if bf16 and type(layer) is nn.Linear and precision.active(x, layer.weight):  # bf16 products (precision.bf16_matmuls)
+        return precision.linear(x, layer.weight, layer.bias)
     return layer(x)
 
 

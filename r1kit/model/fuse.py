@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit.model import precision
 from r1kit.model.updates import version
 
 
@@ -86,8 +87,11 @@ class Fused:
         if torch.is_grad_enabled():
             params = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears if lin.bias is not None]
             if x.requires_grad or any(p.requires_grad for p in params):
-                return _FusedLinear.apply(x, self.weight, self.bias, self.sizes, [lin.bias is not None for lin in self.linears],
-                                          *params)
+                w_low = None
+                if precision.active(x, self.weight):  # bf16 products (precision.bf16_matmuls)
+                    w_low = precision.low(self.weight, tuple(version(lin.weight) for lin in self.linears))
+                return _FusedLinear.apply(x, self.weight, self.bias, w_low, self.sizes,
+                                          [lin.bias is not None for lin in self.linears], *params)
         if self.packed is not None and self.packed.accepts(x, self.weight):
             # the layers' weights are views of the fused matrix with their own version counters:
             # an optimizer step on them is seen through theirs, not the matrix's
@@ -99,27 +103,38 @@ class _FusedLinear(torch.autograd.Function):
     """F.linear(x, fused weight, fused bias) with gradients for the layers whose weights (and biases)
     view the fused matrix: `params` are those weights, then the biases there are. Backward is two
     products: dx = dy W, and dW = dy^T x as one (sum(out), in) matrix whose row blocks are each
-    layer's gradient, contiguous, as autograd wants it for a view that is not itself dense."""
+    layer's gradient, contiguous, as autograd wants it for a view that is not itself dense.
+    `w_low`: a bf16 copy of the fused weight (precision.bf16_matmuls): the three products then take
+    bf16 operands and give float32, as precision.linear's do."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sizes, has_bias, *params):
-        ctx.save_for_backward(x, weight)
-        ctx.sizes, ctx.has_bias = sizes, has_bias
-        return F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, w_low, sizes, has_bias, *params):
+        ctx.sizes, ctx.has_bias, ctx.x_shape = sizes, has_bias, x.shape
+        if w_low is None:
+            ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight)
+            return F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        x_low = precision.padded(x2)
+        ctx.save_for_backward(x_low, w_low)
+        y = (x_low @ w_low.t())[:x2.shape[0]].float()
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x2, weight = ctx.saved_tensors  # float32, or both bf16 (rows padded: precision.padded)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = (dy2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        dy_w = dy2 if weight.dtype == dy2.dtype else precision.padded(dy2)
+        dx = (dy_w @ weight)[:dy2.shape[0]].float().view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         n_weights = len(ctx.sizes)
-        grads = [None] * (len(ctx.needs_input_grad) - 5)
-        if any(ctx.needs_input_grad[5:5 + n_weights]):
-            grads[:n_weights] = (dy2.t() @ x.reshape(-1, x.shape[-1])).split(ctx.sizes)
+        grads = [None] * (len(ctx.needs_input_grad) - 6)
+        if any(ctx.needs_input_grad[6:6 + n_weights]):
+            grads[:n_weights] = (dy_w.t() @ x2).float().split(ctx.sizes)
         if len(grads) > n_weights:  # the biases there are, in the layers' order
             db = dy2.sum(0).split(ctx.sizes)
             grads[n_weights:] = [d for d, has in zip(db, ctx.has_bias) if has]
-        return (dx, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 def _transpose_storage(param: nn.Parameter) -> None:

@@ -38,7 +38,7 @@ class MLP(nn.Module):
         if self.fused is not None and self.fused.usable():
             gate, up = self.fused(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
         return project(self.down_proj, F.silu(gate) * up)
 
 

@@ -50,7 +50,7 @@ class MTPLayer(Block):
         self.shared_head.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden, next_embeds, rotary, cos, sin):
-        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        x = project(self.eh_proj, torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
         return self.shared_head.norm(super().forward(x, rotary, cos, sin))
 
 
@@ -107,8 +107,9 @@ class Transformer(nn.Module):
                 p.mul_(depth_scale)
 
     def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return project(self.lm_head, h)  # a module call, so a quantized head replaces it cleanly
+        # float32 even within precision.bf16_matmuls: bf16 logits would round every log-probability
+        if self.lm_head is not None:  # a module call, so a quantized head replaces it cleanly
+            return project(self.lm_head, h, bf16=False)
         return linear(h, self.model.embed_tokens.weight, packed=self.__dict__.get("head_packed"))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from r1kit.allocator import keep_freed_memory
+from r1kit.model import precision
 from r1kit.model.transformer import Cache
 from r1kit.train import distributed as dist_
 from r1kit.train.grpo_loss import (
@@ -119,6 +120,8 @@ class GRPOConfig:
     max_steps: int = 100
     gradient_checkpointing: bool = False
     compile: bool | str = False  # torch.compile the update's forward (True: inductor; shapes marked dynamic)
+    bf16: bool | str = "auto"  # the update's linear layers multiply in bf16 on a CPU (float32 weights, gradients and
+    # optimizer; r1kit.model.precision): "auto" where it pays (a CPU with AMX), True on any CPU; GPUs: see dtype
     dtype: str | None = None  # weights' dtype for main_from_config ("bfloat16" on GPU; the optimizer then keeps
     # float32 master weights, r1kit.train.optim.MasterWeightAdamW); None: float32
     device: str | None = None
@@ -187,6 +190,7 @@ class GRPOConfig:
              f"lr_scheduler_type must be constant, linear or cosine, got {self.lr_scheduler_type!r}")
         need(self.rollout_backend in ("r1kit", "vllm"), f"rollout_backend must be 'r1kit' or 'vllm', got {self.rollout_backend!r}")
         need(self.max_steps >= 0, "max_steps must be >= 0")
+        need(self.bf16 in (True, False, "auto"), f"bf16 must be true, false or 'auto', got {self.bf16!r}")
 
 
 # ==================================================================================== rollouts
@@ -728,6 +732,9 @@ def train_grpo(
     device = next(model.parameters()).device
     if device.type == "cpu":  # every step frees and retakes the same large buffers: keep them (allocator.py)
         keep_freed_memory()
+    # the update's products in bf16 (float32 weights): where AMX makes them several times faster. Generation
+    # stays float32 (the engine's own kernels); the ratios' pi_old then differs by bf16's rounding only
+    mixed = precision.wanted(config.bf16, device)
 
     G = config.num_generations
     local_completions = config.batch_size // world_size
@@ -838,16 +845,18 @@ def train_grpo(
 
             # ---- 5. update: num_iterations passes, num_minibatches optimizer steps each
             tu = time.perf_counter()
-            if config.num_iterations > 1 or getattr(engine, "recompute_old_logprobs", False):
-                # several passes (or a backend with other numerics, vLLM): pi_old in the training forward's numerics
-                rollout.old_logprobs = rollout_logprobs(model, rollout, config.temperature, micro,
-                                                        can_share_prompts(config, model, model))
-            if ref_model is not None:
-                if config.ref_model_sync_steps and step > 0 and step % config.ref_model_sync_steps == 0:
-                    ref_model.load_state_dict(model.state_dict())  # R1: the reference becomes the policy
-                rollout.ref_logprobs = rollout_logprobs(ref_model, rollout, config.temperature, micro,
-                                                        can_share_prompts(config, ref_model, ref_model))
-            upd = _update(config, model, train_model, optimizer, scheduler, rollout, minibatch, micro, world_size, step)
+            with precision.bf16_matmuls(mixed):
+                if config.num_iterations > 1 or getattr(engine, "recompute_old_logprobs", False):
+                    # several passes (or a backend with other numerics, vLLM): pi_old in the training forward's numerics
+                    rollout.old_logprobs = rollout_logprobs(model, rollout, config.temperature, micro,
+                                                            can_share_prompts(config, model, model))
+                if ref_model is not None:
+                    if config.ref_model_sync_steps and step > 0 and step % config.ref_model_sync_steps == 0:
+                        ref_model.load_state_dict(model.state_dict())  # R1: the reference becomes the policy
+                    rollout.ref_logprobs = rollout_logprobs(ref_model, rollout, config.temperature, micro,
+                                                            can_share_prompts(config, ref_model, ref_model))
+                upd = _update(config, model, train_model, optimizer, scheduler, rollout, minibatch, micro, world_size,
+                              step)
             totals["skipped_steps"] += upd.pop("skipped")
             update_time = time.perf_counter() - tu
 

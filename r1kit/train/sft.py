@@ -31,6 +31,7 @@ import torch
 from r1kit import data as D
 from r1kit.allocator import keep_freed_memory
 from r1kit.checkpoint import atomic_write_text
+from r1kit.model import precision
 from r1kit.train import distributed as dist_
 from r1kit.train import trainer_state as ts
 from r1kit.train.optim import adamw
@@ -71,7 +72,8 @@ class SFTConfig:
     max_steps: int = -1  # > 0 overrides num_train_epochs
     seed: int = 42
     # --- precision, memory, scale
-    bf16: bool | str = "auto"  # auto: bf16 autocast on GPUs that support it
+    bf16: bool | str = "auto"  # auto: bf16 autocast on GPUs that support it, bf16 products on CPUs with AMX
+    # (r1kit.model.precision); True: also on any CPU
     gradient_checkpointing: bool = False
     compile: bool | str = False  # torch.compile the training forward (True: inductor; a string: that backend)
     device: str = "auto"
@@ -368,10 +370,15 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     use_bf16 = config.bf16 is True or (config.bf16 == "auto" and info.device.type == "cuda"
                                        and torch.cuda.is_bf16_supported())
+    # on a CPU not autocast (it recasts every weight at every forward, and runs attention in bf16, whose
+    # backward is slow there) but bf16 products in the linear layers only, where AMX makes them pay
+    cpu_bf16 = precision.wanted(config.bf16, info.device)
     if use_bf16 and info.device.type != "cuda":
-        use_bf16 = False  # CPU bf16 autocast is slower than fp32 on most CPUs; keep fp32 there
+        use_bf16 = False
 
     def autocast():
+        if cpu_bf16:
+            return precision.bf16_matmuls()
         if not use_bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=info.device.type, dtype=torch.bfloat16)

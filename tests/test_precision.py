@@ -1,0 +1,123 @@
+"""bf16 products on a CPU (r1kit.model.precision): close to float32, gradients into float32
+parameters, the bf16 copies follow every weight update, the output head and attention stay float32."""
+import torch
+import pytest
+
+from r1kit.model import ModelConfig, Transformer, precision
+from r1kit.model.fuse import prepare_for_decode
+
+
+def _bf16(t):
+    return t.to(torch.bfloat16).float()
+
+
+def test_linear_matches_bf16_rounded_inputs_and_pads_rows():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 80)
+    for rows in (64, 65, 130, 7 * 64 + 3):  # padded to multiples of 64 (and at least 64: below, float32)
+        x = torch.randn(rows, 96, requires_grad=True)
+        with precision.bf16_matmuls():
+            assert precision.active(x, lin.weight)
+            y = precision.linear(x, lin.weight, lin.bias)
+        # the product of bf16-rounded inputs, accumulated in float32: what AMX computes
+        ref = _bf16(x.detach()) @ _bf16(lin.weight.detach()).t() + lin.bias.detach()
+        assert y.dtype == torch.float32 and y.shape == (rows, 80)
+        # one rounding of the output to bf16 on top of the reference
+        torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+        dy = torch.randn(rows, 80)
+        y.backward(dy)
+        lin.weight.grad = lin.bias.grad = None
+        gx = x.grad
+        torch.testing.assert_close(gx, _bf16(dy) @ _bf16(lin.weight.detach()), rtol=1e-2, atol=2e-2)
+
+
+def test_gradients_land_in_float32_and_follow_float32():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 192, bias=False)
+    x = torch.randn(4, 50, 128)
+    with precision.bf16_matmuls():
+        precision.linear(x, lin.weight).square().mean().backward()
+    g_low = lin.weight.grad.clone()
+    lin.weight.grad = None
+    torch.nn.functional.linear(x, lin.weight).square().mean().backward()
+    assert g_low.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(g_low.flatten(), lin.weight.grad.flatten(), dim=0)
+    assert cos > 0.999, cos
+    assert (g_low - lin.weight.grad).abs().max() < 0.02 * lin.weight.grad.abs().max()
+
+
+def test_bf16_copy_is_rebuilt_after_every_weight_update():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, bias=False)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)  # fused AdamW does not bump _version
+    x = torch.randn(64, 64)
+    with precision.bf16_matmuls():
+        first = precision.low(lin.weight)
+        assert precision.low(lin.weight) is first  # kept while the weight stays
+        precision.linear(x, lin.weight).sum().backward()
+        opt.step()
+        second = precision.low(lin.weight)
+        assert second is not first
+        torch.testing.assert_close(second.float(), _bf16(lin.weight.detach()))
+        with torch.no_grad():
+            lin.weight.mul_(2)  # an in-place write
+        torch.testing.assert_close(precision.low(lin.weight).float(), _bf16(lin.weight.detach()))
+
+
+def test_off_outside_the_context_and_for_few_rows_and_other_dtypes():
+    w = torch.randn(32, 32)
+    assert not precision.active(torch.randn(64, 32), w)
+    with precision.bf16_matmuls():
+        assert precision.active(torch.randn(64, 32), w)
+        assert not precision.active(torch.randn(63, 32), w)  # too few rows to pay: float32
+        assert not precision.active(torch.randn(64, 32, dtype=torch.float64), w.double())
+        with precision.bf16_matmuls(False):
+            assert not precision.active(torch.randn(64, 32), w)
+        assert precision.active(torch.randn(64, 32), w)
+
+
+def test_wanted():
+    assert precision.wanted(True, "cpu") and not precision.wanted(False, "cpu")
+    assert precision.wanted("auto", "cpu") == precision.fast_bf16_cpu()
+    assert not precision.wanted(True, "meta")
+    with pytest.raises(ValueError, match="bf16 must be"):
+        precision.wanted("yes", "cpu")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_forward_and_backward_close_to_float32(fused):
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Transformer(cfg)
+    if fused:
+        prepare_for_decode(model)  # q|k|v and gate|up as one product each (_FusedLinear)
+    ids = torch.randint(0, 97, (3, 40))
+
+    def run(low: bool):
+        model.zero_grad(set_to_none=True)
+        with precision.bf16_matmuls(low):
+            out = model.loss(ids)["loss"]
+        out.backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss32, g32 = run(False)
+    loss16, g16 = run(True)
+    assert abs(loss16 - loss32) < 2e-3 * loss32
+    for name, g in g32.items():
+        assert g16[name].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g16[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (name, cos)
+
+
+def test_output_head_stays_float32():
+    """The head's logits feed every log-probability: bf16 products there would round them."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = Transformer(cfg)
+    h = torch.randn(2, 40, 128)
+    with precision.bf16_matmuls():
+        got = model.output_head(h)
+    torch.testing.assert_close(got, model.lm_head(h), rtol=0, atol=0)
