@@ -538,3 +538,72 @@ def test_moe_in_training_mode_stays_on_torch_and_counts_expert_load():
     with torch.inference_mode():
         out = cpu_kernels.decode_block(block, x, model.rotary, cos, sin, cache.layers[1], cache_slots(positions, 16), 6)
     assert out is not None and block.mlp.expert_load.sum() == 3 * model.config.num_experts_per_tok
+
+
+needs_amx = pytest.mark.skipif(cpu_kernels.library() is None or not cpu_kernels.library().amx,
+                               reason="needs a CPU with AMX (bf16 tiles) and a compiler for it")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 64])
+def test_amx_products_equal_bf16_rounded_inputs(rows):
+    """In bf16 mode (within precision.bf16_matmuls) the products run on AMX: x and W rounded to bf16,
+    sums in float32. K and N not multiples of the 32 x 32 blocks, rows not of the 16-row tiles."""
+    from r1kit.model import precision
+    torch.manual_seed(rows)
+    w, b = torch.randn(53, 72).t().contiguous().t(), torch.randn(53)  # the engine's layout (fuse.py)
+    x = torch.randn(rows, 72)
+    p = cpu_kernels.PackedWeight()
+    ref = x.bfloat16().float() @ w.bfloat16().float().t() + b
+    with torch.inference_mode():
+        with precision.bf16_matmuls():
+            got = p(x, w, b)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got, F.linear(x, w, b), atol=1e-5, rtol=0)  # it did round
+        torch.testing.assert_close(p(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)  # float32 again: repacked
+
+
+@needs_amx
+@pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "deepseek"])
+def test_amx_decode_stack_agrees_with_the_blocks_and_with_float32(family, monkeypatch):
+    """bf16 mode through the whole-model C stack: the same values as the C blocks one by one and (a
+    dense model) as torch's blocks on the packed products, all in bf16 mode; close to float32;
+    float32 again after."""
+    from r1kit.model import precision
+    model_type, kw = FAMILIES[family]
+    model = _random_model(model_type, **kw)
+    Engine(model)
+    with precision.bf16_matmuls():
+        (stack, _), (torch_blocks, _) = _decode_step_both_ways(model, 5, monkeypatch)
+        monkeypatch.setattr(cpu_kernels, "STACKED", False)
+        (c_blocks, _), _ = _decode_step_both_ways(model, 5, monkeypatch)
+        monkeypatch.setattr(cpu_kernels, "STACKED", True)
+    torch.testing.assert_close(stack, c_blocks, atol=1e-5, rtol=1e-5)
+    if not model.config.is_mla:  # torch's MLA and MoE decode run some products of their own, in float32
+        torch.testing.assert_close(stack, torch_blocks, atol=1e-4, rtol=1e-4)
+    (ours, _), (ref, _) = _decode_step_both_ways(model, 5, monkeypatch)  # float32 again: packed again
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    err = (stack - ref).abs().max()
+    assert 0 < err < 0.05 * ref.abs().max(), err
+
+
+def test_a_compiler_without_amx_falls_back_to_the_avx512_build(monkeypatch, tmp_path):
+    import shutil
+    if cpu_kernels.library() is None or not cpu_kernels.library().amx:
+        pytest.skip("needs a CPU with AMX")
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-mamx-tile*) exit 1;; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setattr(cpu_kernels, "_LIB", None)
+    monkeypatch.setattr(cpu_kernels, "_TRIED", False)
+    monkeypatch.setattr(cpu_kernels, "_BF16", [False])
+    monkeypatch.setenv("R1KIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.delenv("R1KIT_CPU_ISA", raising=False)
+    lib = cpu_kernels.library()
+    assert lib is not None and lib.nr == 48 and not lib.amx
+    assert [f.name for f in (tmp_path / "cache").iterdir()][0].endswith("-avx512.so")
+    from r1kit.model import precision
+    w, x = torch.randn(30, 16), torch.randn(5, 16)
+    with torch.inference_mode(), precision.bf16_matmuls():  # no AMX: float32 products
+        torch.testing.assert_close(cpu_kernels.PackedWeight()(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)

@@ -121,3 +121,14 @@ def test_output_head_stays_float32():
     with precision.bf16_matmuls():
         got = model.output_head(h)
     torch.testing.assert_close(got, model.lm_head(h), rtol=0, atol=0)
+
+
+def test_a_copy_made_in_inference_mode_serves_a_later_backward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(64, 64)
+    with precision.bf16_matmuls():
+        with torch.inference_mode():
+            precision.linear(x, lin.weight, lin.bias)  # an evaluation first: the copy is made here
+        precision.linear(x.requires_grad_(), lin.weight, lin.bias).sum().backward()
+    assert lin.weight.grad is not None

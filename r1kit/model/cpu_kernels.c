@@ -46,12 +46,179 @@ typedef __m256 vec;
 #endif
 #define NR (3 * VW) /* columns per panel: 48 (AVX-512) or 24 (AVX2) */
 
+/* ------------------------------------------------------------------------------------------------
+ * bf16 products on AMX (Intel Xeon since Sapphire Rapids), in the build for it (cpu_kernels.py's
+ * "amx"): off until r1_set_bf16(1); then r1_pack packs bf16 tiles and r1_gemm multiplies them, for
+ * every caller below alike (the decode blocks too). x is rounded to bf16 on the way in; products
+ * accumulate in float32 and y is float32, as torch's bf16 products on AMX do.
+ *
+ * Why: a decode step streams every weight once per step at a few rows, and AMX multiplies a 16 x 32
+ * bf16 tile by a 32 x 16 one in one instruction. Half the bytes of float32 and several times the
+ * arithmetic per cycle of AVX-512.
+ *
+ * Layout: panels of NRB = 32 columns; a panel is Kp / 32 blocks (K padded to Kp, a multiple of 32,
+ * with zeros), a block two B tiles (columns 0-15, 16-31) of 16 rows x 64 bytes, row r holding
+ * W[k0 + 2r][n], W[k0 + 2r + 1][n] for each of the tile's 16 columns n (the pairs AMX's dot product
+ * takes). x is copied into bf16 rows of Kp, padded to 16 rows, and read as A tiles of 16 x 32.
+ * ------------------------------------------------------------------------------------------------ */
+static int bf16_mode = 0;
+#define NRB 32
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX 1
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Linux hands out AMX's tile state only to a process that asks for it (once; every thread). */
+int r1_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static void amx_configure(void) { /* tmm0-1: A (16 x 32 bf16), tmm2-3: B, tmm4-7: C (16 x 16 float) */
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* y rows [m0, m0 + 16) x columns [n0, n0 + 16) from a C tile stored in t, within M x N, plus bias. */
+static inline void store_tile(const float *t, float *y, int64_t ldy, int64_t m0, int64_t M, int64_t n0, int64_t N,
+                              const float *bias) {
+    int64_t rows = M - m0 < 16 ? M - m0 : 16, cols = N - n0 < 16 ? N - n0 : 16;
+    __mmask16 mask = (__mmask16)((1u << cols) - 1);
+    __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; r++)
+        _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n0, mask, _mm512_add_ps(_mm512_loadu_ps(t + 16 * r), b));
+}
+
+static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
+                     const float *bias, float *y, int64_t ldy, int nt) {
+    int64_t Kp = (K + 31) / 32 * 32, M16 = (M + 15) / 16 * 16, panels = (N + NRB - 1) / NRB;
+    uint16_t *xb = aligned_alloc(64, (size_t)(M16 * Kp * 2 + 63) / 64 * 64);
+    for (int64_t m = 0; m < M16; m++) { /* x in bf16, zero past row M and column K */
+        uint16_t *dst = xb + m * Kp;
+        int64_t k = 0;
+        if (m < M) {
+            const float *src = x + m * ldx;
+            for (; k + 16 <= K; k += 16)
+                _mm256_storeu_si256((__m256i *)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+            for (; k < K; k++)
+                dst[k] = to_bf16(src[k]);
+        }
+        memset(dst + k, 0, (Kp - k) * 2);
+    }
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        amx_configure();
+        float t[256] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const uint16_t *panel = packed + p * Kp * NRB;
+            int64_t n0 = p * NRB;
+            for (int64_t m0 = 0; m0 < M16; m0 += 32) {
+                int two = m0 + 16 < M16;
+                _tile_zero(4);
+                _tile_zero(5);
+                _tile_zero(6);
+                _tile_zero(7);
+                for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
+                    const uint16_t *blk = panel + k0 * NRB;
+                    _tile_loadd(2, blk, 64);
+                    _tile_loadd(3, blk + 512, 64);
+                    _tile_loadd(0, xb + m0 * Kp + k0, Kp * 2);
+                    _tile_dpbf16ps(4, 0, 2);
+                    _tile_dpbf16ps(5, 0, 3);
+                    if (two) {
+                        _tile_loadd(1, xb + (m0 + 16) * Kp + k0, Kp * 2);
+                        _tile_dpbf16ps(6, 1, 2);
+                        _tile_dpbf16ps(7, 1, 3);
+                    }
+                }
+                _tile_stored(4, t, 64);
+                store_tile(t, y, ldy, m0, M, n0, N, bias);
+                if (n0 + 16 < N) {
+                    _tile_stored(5, t, 64);
+                    store_tile(t, y, ldy, m0, M, n0 + 16, N, bias);
+                }
+                if (two) {
+                    _tile_stored(6, t, 64);
+                    store_tile(t, y, ldy, m0 + 16, M, n0, N, bias);
+                    if (n0 + 16 < N) {
+                        _tile_stored(7, t, 64);
+                        store_tile(t, y, ldy, m0 + 16, M, n0 + 16, N, bias);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(xb);
+}
+
+static void pack_bf16(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, uint16_t *out, int nt) {
+    int64_t Kp = (K + 31) / 32 * 32, panels = (N + NRB - 1) / NRB;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t k0 = 0; k0 < Kp; k0 += 32)
+            for (int64_t j = 0; j < 2; j++)
+                for (int64_t r = 0; r < 16; r++)
+                    for (int64_t c = 0; c < 16; c++)
+                        for (int64_t e = 0; e < 2; e++) {
+                            int64_t k = k0 + 2 * r + e, n = p * NRB + 16 * j + c;
+                            out[p * Kp * NRB + k0 * NRB + j * 512 + r * 32 + c * 2 + e] =
+                                k < K && n < N ? to_bf16(w[k * sk + n * sn]) : 0;
+                        }
+}
+#else
+#define AMX 0
+int r1_amx_init(void) { return 0; }
+static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
+                     const float *bias, float *y, int64_t ldy, int nt) { abort(); }
+static void pack_bf16(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, uint16_t *out, int nt) { abort(); }
+#endif
+
+/* 1: products in bf16 on AMX from now on (packs made before must be made again); 0: float32. Returns
+ * the mode now in force (always 0 in a build without AMX). */
+int r1_set_bf16(int on) {
+    bf16_mode = AMX && on;
+    return bf16_mode;
+}
+
 /* The panel width this build packs with: cpu_kernels.py sizes its buffers by it. */
 int64_t r1_nr(void) { return NR; }
 
+/* Floats (4-byte units) of the packed copy of a K x N matrix in the mode in force. */
+int64_t r1_packed_floats(int64_t K, int64_t N) {
+    if (bf16_mode)
+        return (N + NRB - 1) / NRB * ((K + 31) / 32 * 32) * NRB / 2;
+    return (N + NR - 1) / NR * NR * K;
+}
+
 /* Pack W (K x N; element [k][n] at w[k * sk + n * sn]) into ceil(N / NR) panels of K x NR floats,
- * the last one zero-padded. */
+ * the last one zero-padded (in bf16 mode: AMX's tiles, above). */
 void r1_pack(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, float *out, int nt) {
+    if (bf16_mode) {
+        pack_bf16(w, K, N, sk, sn, (uint16_t *)out, nt);
+        return;
+    }
     int64_t panels = (N + NR - 1) / NR, full = N / NR;
     if (sn == 1) { /* rows of W are contiguous: read each row once, scatter its NR-column pieces */
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
@@ -143,10 +310,17 @@ static const tile_fn TILES[MR_MAX + 1] = {0, tile1, tile2, tile3, tile4, tile5, 
 static const tile_fn TILES[MR_MAX + 1] = {0, tile1, tile2, tile3, tile4};
 #endif
 
+static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
+                     const float *bias, float *y, int64_t ldy, int nt);
+
 /* y (M x N, row stride ldy) = x (M x K, row stride ldx) @ W + bias (may be NULL), W packed by r1_pack.
  * Threads split the panels: each thread streams its share of W once. */
 void r1_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
              const float *bias, float *y, int64_t ldy, int nt) {
+    if (bf16_mode) {
+        gemm_amx(x, M, K, ldx, (const uint16_t *)packed, N, bias, y, ldy, nt);
+        return;
+    }
     int64_t panels = (N + NR - 1) / NR;
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t p = 0; p < panels; p++) {

@@ -84,11 +84,14 @@ def _cache_dir() -> Path:
 
 def _isa() -> str:
     """The instruction set the kernels are built for: AVX-512 where torch finds it (wider products,
-    more rows per tile), else AVX2."""
-    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    more rows per tile), with AMX's bf16 tiles too where the CPU has them, else AVX2."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return "avx2"
+    return "amx" if precision.fast_bf16_cpu() else "avx512"
 
 
 FLAGS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"]}
+FLAGS["amx"] = FLAGS["avx512"] + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 
 
 def _build(out: Path, isa: str) -> None:
@@ -124,10 +127,12 @@ def library() -> ctypes.CDLL | None:
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
     native = _isa()
     wanted = os.environ.get("R1KIT_CPU_ISA") or native  # R1KIT_CPU_ISA=avx2: the narrower build, to compare
-    if wanted not in {"avx2", native}:
-        raise ValueError(f"R1KIT_CPU_ISA={wanted!r}: this CPU runs {sorted({'avx2', native})}; unset it or pick one")
+    runs = {"avx2", native} | ({"avx512"} if native == "amx" else set())
+    if wanted not in runs:
+        raise ValueError(f"R1KIT_CPU_ISA={wanted!r}: this CPU runs {sorted(runs)}; unset it or pick one")
     lib, errors = None, []
-    for isa in dict.fromkeys([wanted, "avx2"]):  # a compiler without AVX-512 support still builds the AVX2 one
+    # a compiler without AMX (or AVX-512) support still builds the narrower ones
+    for isa in dict.fromkeys([wanted] + (["avx512"] if wanted == "amx" else []) + ["avx2"]):
         path = _cache_dir() / f"cpu_kernels-{digest}-{isa}.so"
         try:
             if not path.exists():
@@ -144,6 +149,14 @@ def library() -> ctypes.CDLL | None:
     lib.r1_nr.argtypes = []
     lib.r1_nr.restype = i64
     lib.nr = lib.r1_nr()  # the build's panel width
+    lib.r1_packed_floats.argtypes = [i64, i64]
+    lib.r1_packed_floats.restype = i64
+    lib.r1_set_bf16.argtypes = [i32]
+    lib.r1_set_bf16.restype = i32
+    lib.r1_amx_init.argtypes = []
+    lib.r1_amx_init.restype = i32
+    # bf16 products on AMX: this build has them, and the OS let the process use the tiles
+    lib.amx = isa == "amx" and bool(lib.r1_amx_init())
     lib.r1_pack.argtypes = [ptr, i64, i64, i64, i64, ptr, i32]
     lib.r1_pack.restype = None
     lib.r1_gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
@@ -169,9 +182,22 @@ def library() -> ctypes.CDLL | None:
 
 
 def packed_size(N: int, K: int) -> int:
-    """Floats in the packed copy of a (K, N) matrix: whole panels of the build's width (r1_nr)."""
-    nr = library().nr
-    return -(-N // nr) * nr * K
+    """Floats in the packed copy of a (K, N) matrix: whole panels of the build's width (r1_nr), or
+    AMX's bf16 tiles in bf16 mode."""
+    return library().r1_packed_floats(K, N)
+
+
+_BF16 = [False]  # the library's mode: products in bf16 on AMX (r1_set_bf16)
+
+
+def sync_mode() -> bool:
+    """Put the kernels in bf16 mode within precision.bf16_matmuls, where the build has AMX, and in
+    float32 mode elsewhere; True in bf16 mode. Packs and decode plans keep the mode they were made in
+    (their keys hold it), so a switch packs the weights again on their next use."""
+    want = precision.bf16_on() and library().amx
+    if want != _BF16[0]:
+        _BF16[0] = bool(library().r1_set_bf16(int(want)))
+    return _BF16[0]
 
 
 class PackedWeight:
@@ -196,7 +222,7 @@ class PackedWeight:
 
     def _packed(self, weight: torch.Tensor, version_key=None) -> torch.Tensor:
         key = (weight.data_ptr(), version(weight) if version_key is None else version_key,
-               tuple(weight.shape), weight.stride())
+               tuple(weight.shape), weight.stride(), _BF16[0])
         if key != self.key:
             N, K = weight.shape
             size = packed_size(N, K)
@@ -215,6 +241,7 @@ class PackedWeight:
         x2 = x.reshape(-1, K)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
+        sync_mode()
         packed = self._packed(weight, version_key)
         y = torch.empty(x2.shape[0], N, dtype=torch.float32)
         if bias is not None:
@@ -236,7 +263,7 @@ class PackedStack:
         """The buffer and the floats from one matrix's packing to the next."""
         E, N, K = weight.shape
         per = packed_size(N, K)
-        key = (weight.data_ptr(), version(weight), tuple(weight.shape), weight.stride())
+        key = (weight.data_ptr(), version(weight), tuple(weight.shape), weight.stride(), _BF16[0])
         if key != self.key:
             if self.buffer is None or self.buffer.numel() != E * per:
                 self.buffer = torch.empty(E * per, dtype=torch.float32)
@@ -361,6 +388,7 @@ def decode_block(block: nn.Module, x: torch.Tensor, rotary, cos: torch.Tensor, s
     # one row too: the block saves far more dispatch than MKL's one-row product gains (0.8-1.2x ours)
     if fused is None or fused.packed is None or not fused.packed.accepts(x, fused.weight, min_rows=1):
         return None
+    sync_mode()
     B, _, Hd = x.shape
     dense_mlp = type(getattr(mlp, "down_proj", None)) is nn.Linear and getattr(mlp, "fused", None) is not None
     if Hd % 8 or ln1.eps != ln2.eps or not _f32(ln1.weight, ln2.weight):
@@ -433,7 +461,8 @@ class _Stack:
         return None
 
     def fingerprint(self) -> tuple:
-        return fingerprint(self.tensors)  # a per-tensor version() of ~100 weights cost ~0.8 ms a step
+        # a per-tensor version() of ~100 weights cost ~0.8 ms a step; the mode: packs are made in it
+        return fingerprint(self.tensors), _BF16[0]
 
     def valid(self) -> bool:
         return (all(parent.get(name) is obj for parent, name, obj in self.links)
@@ -638,6 +667,7 @@ def decode_stack(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
             or torch.is_grad_enabled() or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)
             or library() is None):
         return None
+    sync_mode()
     stack = model.__dict__.get("_decode_stack")
     if stack is None or not stack.valid():
         kind = MLAStack if model.config.is_mla else DenseStack

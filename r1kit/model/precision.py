@@ -66,6 +66,11 @@ def bf16_matmuls(enabled: bool = True):
         _ON[0] = previous
 
 
+def bf16_on() -> bool:
+    """Whether this is within bf16_matmuls (cpu_kernels then multiplies in bf16 on AMX too)."""
+    return _ON[0]
+
+
 ROWS = 64  # products run on a multiple of this many rows (see `padded`); fewer rows stay float32
 
 
@@ -98,7 +103,7 @@ def low(weight: torch.Tensor, key=None) -> torch.Tensor:
     hit = _CACHE.get(weight)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with torch.no_grad():
+    with torch.no_grad(), torch.inference_mode(False):  # a normal tensor: a later backward may save it
         copy = weight.detach().to(torch.bfloat16).contiguous()
     _CACHE[weight] = (key, copy)
     return copy

@@ -120,8 +120,8 @@ class GRPOConfig:
     max_steps: int = 100
     gradient_checkpointing: bool = False
     compile: bool | str = False  # torch.compile the update's forward (True: inductor; shapes marked dynamic)
-    bf16: bool | str = "auto"  # the update's linear layers multiply in bf16 on a CPU (float32 weights, gradients and
-    # optimizer; r1kit.model.precision): "auto" where it pays (a CPU with AMX), True on any CPU; GPUs: see dtype
+    bf16: bool | str = "auto"  # rollouts and update multiply their linear layers in bf16 on a CPU (float32 weights,
+    # gradients and optimizer; r1kit.model.precision): "auto" where it pays (a CPU with AMX), True on any CPU; GPUs: dtype
     dtype: str | None = None  # weights' dtype for main_from_config ("bfloat16" on GPU; the optimizer then keeps
     # float32 master weights, r1kit.train.optim.MasterWeightAdamW); None: float32
     device: str | None = None
@@ -732,8 +732,8 @@ def train_grpo(
     device = next(model.parameters()).device
     if device.type == "cpu":  # every step frees and retakes the same large buffers: keep them (allocator.py)
         keep_freed_memory()
-    # the update's products in bf16 (float32 weights): where AMX makes them several times faster. Generation
-    # stays float32 (the engine's own kernels); the ratios' pi_old then differs by bf16's rounding only
+    # the rollouts' and the update's products in bf16 (float32 weights): where AMX makes them several times
+    # faster. Both round the same weights and activations to bf16: pi_old and pi differ by their sums' order
     mixed = precision.wanted(config.bf16, device)
 
     G = config.num_generations
@@ -810,7 +810,7 @@ def train_grpo(
                     idx = next_prompts(local_prompts * world_size)
                     samples = [train_samples[i] for i in idx]
                     tg = time.perf_counter()
-                    with torch.inference_mode():
+                    with torch.inference_mode(), precision.bf16_matmuls(mixed):
                         rollout = generate_rollout(engine, tokenizer, samples, [prompt_ids_of(i) for i in idx], config,
                                                    seed=config.seed * 1_000_003 + step * 1009 + rounds * 31 + rank)
                     gen_time += time.perf_counter() - tg
