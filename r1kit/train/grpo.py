@@ -528,10 +528,14 @@ def _prompt_pass(model, rollout: Rollout, rows: list[int]) -> PromptPass | None:
 
 def _buckets(rollout: Rollout, rows: list[int], max_rows: int, prompts: PromptPass | None) -> list[list[int]]:
     """Length buckets of `rows`. After a PromptPass only the completions run per bucket, so they are
-    sorted by completion length; else by prompt + completion."""
+    sorted by completion length; else by prompt + completion.
+    With bf16 products (precision.bf16_matmuls) a token costs a fraction of float32's while a
+    forward's fixed price stays: fewer, longer buckets (the 3M-parameter GRPO bench model's update on
+    this AMX CPU: 0.173 -> 0.147 s at 256 token-equivalents instead of 64; 1024 and one bucket, 0.15)."""
+    overhead = 256 if precision.bf16_on() else 64
     if prompts is None:
-        return length_buckets(rows, rollout.lengths(), max_rows)
-    return length_buckets(rows, rollout.completion_mask.sum(1).long().tolist(), max_rows)
+        return length_buckets(rows, rollout.lengths(), max_rows, overhead)
+    return length_buckets(rows, rollout.completion_mask.sum(1).long().tolist(), max_rows, overhead)
 
 
 @torch.no_grad()
