@@ -13,7 +13,7 @@ For each size:
    folder - transformers loads it for TRL, r1kit for r1kit: both start from the same weights;
 2. GRPO with identical settings: `num_generations`, prompts per step, `max_completion_length`,
    temperature 1, learning rate, beta 0, loss "grpo", group-std scaling, one iteration, the same
-   reward function and prompt order (TRL on CPU needs bf16=False);
+   reward function and prompt order; TRL with bf16=False, as the issue sets it (its CPU default);
 3. seconds per step (median over the steps, so the first step's warm-up does not count; wall time and,
    since the machine is shared, CPU time of this single-threaded process too) and held-out
    pass@1 of both trained models, measured by the same evaluator (r1kit's engine, k samples at T=0.6),
@@ -33,6 +33,12 @@ For each size:
    step / that floor caps the speedup of an implementation that runs only those products with these
    kernels; the same arithmetic at the best GFLOP/s measured here (2048-row products of the model's
    shapes, or 1024^3) gives a second, looser cap.
+Precision: r1kit's default (GRPOConfig.bf16 = "auto") multiplies its linear layers in bf16 on a CPU with AMX
+(rollouts and update; weights, gradients, optimizer, attention and output head stay float32: r1kit/model/precision.py).
+There the bench also runs r1kit with bf16=False and TRL with bf16=True (accelerate's CPU autocast), so that
+each precision has its peer: the headline step_speedup is r1kit's default against TRL with bf16=False;
+step_speedup_vs_trl_bf16 against TRL's faster bf16 run; step_speedup_fp32_vs_trl_fp32 float32 on both
+sides. The floor then counts the blocks' products in bf16 (the head's stay float32, as r1kit runs them).
 Both sides run in one process with r1kit's allocator setting (keep freed memory, r1kit/allocator.py):
 it is process-wide, and TRL's step gains from it too.
 r1kit runs twice: as configured by default, and with `compile=True` (the update's forward under
@@ -61,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 import r1kit  # noqa: E402
 from r1kit.allocator import keep_freed_memory  # noqa: E402
-from r1kit.model import ModelConfig, Transformer, cpu_kernels  # noqa: E402
+from r1kit.model import ModelConfig, Transformer, cpu_kernels, precision  # noqa: E402
 from r1kit.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from r1kit.tokenizer import train_tokenizer  # noqa: E402
 from r1kit.train import grpo  # noqa: E402
@@ -111,17 +117,21 @@ def _best_time(fn, seconds: float = 0.3) -> float:
     return best
 
 
-def product_seconds(weights: list[torch.Tensor], rows: int, backward: bool) -> float:
+def product_seconds(weights: list[torch.Tensor], rows: int, backward: bool, bf16: bool = False) -> float:
     """Seconds per token of these weight products alone, one after another as a model runs them,
     with `rows` tokens per product: forward x W^T; with backward also dx = dy W and dW = dy^T x.
-    Forward only (generation), the faster of torch's products and r1kit's packed ones (cpu_kernels)."""
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-    dys = {w.shape[0]: torch.randn(rows, w.shape[0]) for w in weights}
-    wts = [w.t().contiguous() for w in weights]  # (in, out): the layout r1kit's engine decodes with
+    Forward only (generation), the faster of torch's products and r1kit's packed ones (cpu_kernels).
+    `bf16`: the products in bf16 (as r1kit runs them on an AMX CPU: r1kit.model.precision), the
+    packed ones in the kernels' bf16 mode."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dt) for w in weights}
+    dys = {w.shape[0]: torch.randn(rows, w.shape[0], dtype=dt) for w in weights}
+    weights_dt = [w.to(dt) for w in weights]
+    wts = [w.t().contiguous() for w in weights_dt]  # (in, out): the layout r1kit's engine decodes with
 
     def run():
         with torch.no_grad():
-            for w, wt in zip(weights, wts):
+            for w, wt in zip(weights_dt, wts):
                 n, k = w.shape
                 if backward:
                     torch.mm(xs[k], w.t())
@@ -132,20 +142,22 @@ def product_seconds(weights: list[torch.Tensor], rows: int, backward: bool) -> f
     best = _best_time(run)
     if not backward and cpu_kernels.library() is not None:
         packed = [cpu_kernels.PackedWeight() for _ in weights]
+        xs32 = {k: v.float() for k, v in xs.items()}
 
         def run_packed():
-            with torch.inference_mode():
+            with torch.inference_mode(), precision.bf16_matmuls(bf16):
                 for w, p in zip(weights, packed):
-                    p(xs[w.shape[1]], w, None)
+                    p(xs32[w.shape[1]], w, None)
         best = min(best, _best_time(run_packed))
     return best / rows
 
 
-def gemm_peak(weights: list[torch.Tensor], rows: int = 2048) -> float:
+def gemm_peak(weights: list[torch.Tensor], rows: int = 2048, bf16: bool = False) -> float:
     """The best FLOP/s torch.mm reaches here on any one of these weight shapes with `rows` rows, or on 1024^3."""
     best = 0.0
+    dt = torch.bfloat16 if bf16 else torch.float32
     for m, k, n in [(rows, w.shape[1], w.shape[0]) for w in weights] + [(1024, 1024, 1024)]:
-        x, w = torch.randn(m, k), torch.randn(k, n)
+        x, w = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
         best = max(best, 2 * m * k * n / _best_time(lambda: x @ w))
     return best
 
@@ -192,7 +204,8 @@ def pretrain(model, tok, rows, seconds: float, lr: float, max_steps: int | None 
     return step
 
 
-def run_trl(folder: Path, train, args, workdir: Path, lengths: list, rollout_times: list) -> tuple[list[float], Path]:
+def run_trl(folder: Path, train, args, workdir: Path, lengths: list, rollout_times: list,
+            bf16: bool = False) -> tuple[list[float], Path]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -210,12 +223,12 @@ def run_trl(folder: Path, train, args, workdir: Path, lengths: list, rollout_tim
 
     B = args.prompts * args.num_generations
     config = TRLConfig(
-        output_dir=str(workdir / "trl"), per_device_train_batch_size=B, gradient_accumulation_steps=1,
+        output_dir=str(workdir / ("trl-bf16" if bf16 else "trl")), per_device_train_batch_size=B, gradient_accumulation_steps=1,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps,
         beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, top_p=1.0,
         epsilon=0.2, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
-        bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+        bf16=bf16, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", seed=0,
         shuffle_dataset=False, disable_dropout=True, dataloader_num_workers=0,
     )
     times: list[tuple[float, float]] = []  # (wall, cpu) seconds per step
@@ -241,7 +254,7 @@ def run_trl(folder: Path, train, args, workdir: Path, lengths: list, rollout_tim
     trainer._generate_and_score_completions = timed_rollout
     trainer.train()
     lengths.extend(h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h)
-    out = workdir / "trl-final"
+    out = workdir / ("trl-bf16-final" if bf16 else "trl-final")
     hf_model.save_pretrained(out)
     hf_tok.save_pretrained(out)
     return times, out
@@ -253,7 +266,7 @@ def _prompt_order(train, args) -> list[dict]:
     return [rng.choice(train) for _ in range(args.steps * args.prompts)]
 
 
-def run_r1kit(folder: Path, train, args, compiled: bool = False) -> tuple[list[float], object]:
+def run_r1kit(folder: Path, train, args, compiled: bool = False, bf16: bool | str = "auto") -> tuple[list[float], object]:
     model, tok = r1kit.load(folder)
     order = _prompt_order(train, args)
     config = grpo.GRPOConfig(
@@ -262,7 +275,7 @@ def run_r1kit(folder: Path, train, args, compiled: bool = False) -> tuple[list[f
         beta=0.0, loss_type="grpo", scale_rewards="group", num_iterations=1, temperature=1.0, epsilon=0.2,
         max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.99, progress=False, seed=0,
         shuffle_dataset=False,  # the same prompts per step as TRL's unshuffled sampler
-        compile=compiled,
+        compile=compiled, bf16=bf16,
     )
     cpu = [time.process_time()]
     result = grpo.train_grpo(config, model, tok, train_samples=order, reward_fn=reward,
@@ -314,6 +327,10 @@ def main() -> int:
     rates = dict(kv.split("=") for kv in args.learning_rate.split(","))
     train, held_out, everything = problems()
     tok = train_tokenizer([], kind="char")
+    # r1kit's default (GRPOConfig.bf16 = "auto"): bf16 products on a CPU with AMX. Then r1kit also runs
+    # in float32, and TRL with bf16=True too (accelerate's CPU autocast), so that each precision has its peer
+    mixed = precision.wanted("auto", "cpu")
+    print(f"r1kit's default here: {'bf16 products (AMX)' if mixed else 'float32'}", flush=True)
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
@@ -329,11 +346,13 @@ def main() -> int:
                              max_steps=int(fixed_steps[size]) if size in fixed_steps else None)
             # the floor's yardsticks, measured now on this machine: the best GEMM speed, and the weight
             # products alone per token at the batch generation runs (all rows) and at 2048 rows (update)
+            # (in bf16 where r1kit's default run multiplies in bf16: its blocks' products, not the head's)
             blocks, head = weight_matrices(model)
-            peak = gemm_peak(blocks + [head])
+            peak = gemm_peak(blocks + [head], bf16=mixed)
             B = args.prompts * args.num_generations
-            per_token = {"gen_body": product_seconds(blocks, B, False), "gen_head": product_seconds([head], B, False),
-                         "upd_body": product_seconds(blocks, 2048, True), "upd_head": product_seconds([head], 2048, True)}
+            per_token = {"gen_body": product_seconds(blocks, B, False, bf16=mixed), "gen_head": product_seconds([head], B, False),
+                         "upd_body": product_seconds(blocks, 2048, True, bf16=mixed),
+                         "upd_head": product_seconds([head], 2048, True)}
             flops_per_token = {"gen_body": 2 * sum(w.numel() for w in blocks), "gen_head": 2 * head.numel(),
                                "upd_body": 6 * sum(w.numel() for w in blocks), "upd_head": 6 * head.numel()}
             plens = {len(tok.encode(TEMPLATE.replace("{prompt}", s["prompt"]), add_special_tokens=True)) for s in train}
@@ -349,11 +368,17 @@ def main() -> int:
             r1_acc, r1_se, r1_pp = held_out_pass1(r1_model, tok, held_out, args)
             comp_times, comp_model = run_r1kit(base, train, args, compiled=True)
             comp_acc, _, _ = held_out_pass1(comp_model, tok, held_out, args)
+            if mixed:
+                f32_times, f32_model = run_r1kit(base, train, args, bf16=False)
+                f32_acc, _, _ = held_out_pass1(f32_model, tok, held_out, args)
             trl_lengths: list[float] = []
             trl_rollout: list[float] = []
             trl_times, trl_folder = run_trl(base, train, args, work, trl_lengths, trl_rollout)
             trl_model, _ = r1kit.load(trl_folder)
             trl_acc, trl_se, trl_pp = held_out_pass1(trl_model, tok, held_out, args)
+            if mixed:
+                trl16_times, trl16_folder = run_trl(base, train, args, work, [], [], bf16=True)
+                trl16_acc, trl16_se, trl16_pp = held_out_pass1(r1kit.load(trl16_folder)[0], tok, held_out, args)
             r1_step, trl_step, comp_step = (statistics.median(t[0] for t in ts) for ts in (r1_times, trl_times, comp_times))
             comp_total = sum(t[0] for t in comp_times)  # compiling is paid in the first steps: the sum shows it
             r1_cpu, trl_cpu = (statistics.median(t[1] for t in ts) for ts in (r1_times, trl_times))
@@ -397,8 +422,27 @@ def main() -> int:
                 "step_speedup_cap": round(trl_step / floor, 2), "step_speedup_cap_at_peak": round(trl_step / floor_peak, 2),
                 "r1kit_share_of_floor": round(floor / r1_step, 2),
                 "floor_generate_s": round(floor_gen, 3), "floor_update_s": round(floor_upd, 3),
+                "r1kit_bf16_products": mixed,
             }
             f = figures[size]
+            if mixed:  # each precision against its peer: float32 both sides, bf16 both sides
+                f32_step = statistics.median(t[0] for t in f32_times)
+                trl16_step = statistics.median(t[0] for t in trl16_times)
+                f.update({
+                    "r1kit_fp32_s_per_step": round(f32_step, 3), "r1kit_fp32_pass1": round(100 * f32_acc, 1),
+                    "step_speedup_fp32_vs_trl_fp32": round(trl_step / f32_step, 2),
+                    "trl_bf16_s_per_step": round(trl16_step, 3), "trl_bf16_pass1": round(100 * trl16_acc, 1),
+                    "step_speedup_vs_trl_bf16": round(trl16_step / r1_step, 2),
+                    "accuracy_delta_vs_trl_bf16": round(100 * (r1_acc - trl16_acc), 1),
+                    "accuracy_delta_vs_trl_bf16_paired_stderr": round(100 * paired_stderr(r1_pp, trl16_pp), 1),
+                    "bf16_gain_r1kit": round(f32_step / r1_step, 2), "bf16_gain_trl": round(trl_step / trl16_step, 2),
+                })
+                print(f"[{size}] bf16 products: r1kit {r1_step:.3f} s/step (float32 {f32_step:.3f}: {f['bf16_gain_r1kit']:.2f}x "
+                      f"from bf16), TRL bf16=True {trl16_step:.3f} (float32 {trl_step:.3f}: {f['bf16_gain_trl']:.2f}x) -> "
+                      f"r1kit {f['step_speedup_vs_trl_bf16']:.2f}x TRL in bf16; float32 on both sides "
+                      f"{f['step_speedup_fp32_vs_trl_fp32']:.2f}x; held-out pass@1 r1kit float32 {f['r1kit_fp32_pass1']}%, "
+                      f"TRL bf16 {f['trl_bf16_pass1']}% (r1kit minus TRL bf16: {f['accuracy_delta_vs_trl_bf16']:+.1f} "
+                      f"+- {f['accuracy_delta_vs_trl_bf16_paired_stderr']} paired)", flush=True)
             print(f"[{size}] s/step: r1kit {r1_step:.3f}  TRL {trl_step:.3f}  -> r1kit {f['step_speedup']:.2f}x faster (CPU time: {f['cpu_speedup']:.2f}x); "
                   f"held-out pass@1 after {args.steps} steps: r1kit {f['r1kit_pass1']}%  TRL {f['trl_pass1']}% "
                   f"(difference {f['accuracy_delta']:+.1f} +- {f['accuracy_delta_stderr']} points, one standard error; "
@@ -418,6 +462,8 @@ def main() -> int:
                   f"all {args.steps} steps incl. compiling {comp_total:.1f} s vs eager {f['r1kit_total_s']} s vs TRL "
                   f"{f['trl_total_s']} s; pass@1 {f['r1kit_compiled_pass1']}%", flush=True)
     out = {f"step_speedup_{k}": v["step_speedup"] for k, v in figures.items()}
+    out.update({f"step_speedup_vs_trl_bf16_{k}": v["step_speedup_vs_trl_bf16"] for k, v in figures.items()
+                if "step_speedup_vs_trl_bf16" in v})
     out.update({f"step_speedup_compiled_{k}": v["step_speedup_compiled"] for k, v in figures.items()})
     out["accuracy_delta"] = round(statistics.mean(v["accuracy_delta"] for v in figures.values()), 1)
     out["accuracy_delta_stderr"] = round(sum(v["accuracy_delta_stderr"] ** 2 for v in figures.values()) ** 0.5
