@@ -3,7 +3,9 @@
 One step = forward + backward + fused AdamW (both sides) on a (batch, seq) block of random tokens.
 r1kit runs eagerly and with its forward under torch.compile (SFTConfig.compile; compile time printed,
 not timed); the sides are timed in alternating rounds in one process (this machine is noisy; only
-the ratio means much).
+the ratio means much). On a CPU with AMX (or with --mixed) both also run in mixed precision with
+float32 weights, each library's own way: r1kit's bf16 products (r1kit/model/precision.py, what its SFT
+runs there by default) and transformers under torch.autocast (its Trainer's bf16=True on a CPU).
 
     HF_HUB_OFFLINE=1 python bench/train_step.py [--batch 8 --seq 128 --rounds 5 --steps 3]
     HF_HUB_OFFLINE=1 python bench/train_step.py --device cuda --dtype bfloat16 --batch 32 --seq 512
@@ -18,6 +20,7 @@ same with `_compiled`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import r1kit  # noqa: E402
+from r1kit.model import precision  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -50,7 +54,7 @@ def configs():
     return {"deepseek_v3": (transformers.DeepseekV3ForCausalLM, ds), "qwen2": (transformers.Qwen2ForCausalLM, qwen)}
 
 
-def make_step(model, is_hf: bool, compiled: bool = False):
+def make_step(model, is_hf: bool, compiled: bool = False, mixed: bool = False):
     # fused AdamW on both sides: transformers' Trainer default (`adamw_torch_fused`) and r1kit's trainers'
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if is_hf:  # compiled as Trainer's `torch_compile=True` does: the model's forward and its loss
@@ -58,13 +62,21 @@ def make_step(model, is_hf: bool, compiled: bool = False):
     else:
         loss_fn = torch.compile(lambda ids: model.loss(ids)["loss"]) if compiled else None
 
+    def context():
+        if not mixed:
+            return contextlib.nullcontext()
+        if is_hf:  # transformers' Trainer with bf16=True on a CPU: autocast
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return precision.bf16_matmuls()  # r1kit's SFT with bf16="auto" on an AMX CPU
+
     def step(ids):
-        if is_hf:
-            loss = loss_fn(ids) if compiled else model(input_ids=ids, labels=ids).loss
-        elif compiled:
-            loss = loss_fn(ids)
-        else:
-            loss = model.loss(ids)["loss"]
+        with context():
+            if is_hf:
+                loss = loss_fn(ids) if compiled else model(input_ids=ids, labels=ids).loss
+            elif compiled:
+                loss = loss_fn(ids)
+            else:
+                loss = model.loss(ids)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -83,6 +95,7 @@ def bench(name, cls, cfg, args):
         hf_model.save_pretrained(tmp)
         ours, _ = r1kit.load(tmp, dtype=dtype, device=args.device)
         ours_c, _ = r1kit.load(tmp, dtype=dtype, device=args.device)  # the compiled side: same start, own optimizer
+        ours_m = r1kit.load(tmp, dtype=dtype, device=args.device)[0] if args.mixed else None  # the mixed side
     hf_model.to(device=args.device, dtype=dtype)
     ours.train()
     ours_c.train()
@@ -92,6 +105,11 @@ def bench(name, cls, cfg, args):
         diff = (ours(ids) - hf_model(ids).logits).abs().max().item()
     steps = {"r1kit": make_step(ours, False), "r1kit_compiled": make_step(ours_c, False, compiled=True),
              "transformers": make_step(hf_model, True)}
+    if args.mixed:  # mixed precision, float32 weights: each library's own way (see --mixed), own copies
+        hf_m = cls(cfg).train()
+        hf_m.load_state_dict(hf_model.state_dict())
+        steps["r1kit_mixed"] = make_step(ours_m.train(), False, mixed=True)
+        steps["transformers_mixed"] = make_step(hf_m.to(device=args.device, dtype=dtype), True, mixed=True)
     if args.compile_transformers:  # its own copy of the same weights, compiled as r1kit's is
         hf_c = cls(cfg).train()
         hf_c.load_state_dict(hf_model.state_dict())
@@ -117,6 +135,10 @@ def bench(name, cls, cfg, args):
     print(f"{name:12s} r1kit {tps['r1kit']:9.0f} tok/s, compiled {tps['r1kit_compiled']:9.0f} tok/s "
           f"({compile_s:.0f} s to compile)   transformers {tps['transformers']:9.0f} tok/s   "
           f"speedup {speedup:.2f}x eager, {compiled:.2f}x compiled   (initial logits max diff {diff:.1e})")
+    if "r1kit_mixed" in tps:
+        print(f"{'':12s} mixed precision (bf16 products): r1kit {tps['r1kit_mixed']:9.0f} tok/s, transformers under "
+              f"autocast {tps['transformers_mixed']:9.0f} tok/s: {tps['r1kit_mixed'] / tps['transformers_mixed']:.2f}x; "
+              f"r1kit mixed / transformers float32 {tps['r1kit_mixed'] / tps['transformers']:.2f}x")
     if "transformers_compiled" in tps:
         print(f"{'':12s} transformers compiled {tps['transformers_compiled']:9.0f} tok/s ({compile_hf_s:.0f} s to compile): "
               f"r1kit compiled / transformers compiled {tps['r1kit_compiled'] / tps['transformers_compiled']:.2f}x")
@@ -131,9 +153,15 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides on it)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--mixed", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time both in mixed precision, float32 weights: r1kit's bf16 products "
+                             "(r1kit.model.precision; SFT's bf16='auto' on an AMX CPU) and transformers under "
+                             "torch.autocast (Trainer's bf16=True on a CPU). Default: on a CPU with AMX")
     parser.add_argument("--compile-transformers", action="store_true",
                         help="also time transformers' model under torch.compile (Trainer's torch_compile=True)")
     args = parser.parse_args()
+    if args.mixed is None:
+        args.mixed = args.device == "cpu" and args.dtype == "float32" and precision.fast_bf16_cpu()
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"threads {torch.get_num_threads()}"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}, {args.dtype}, "
           f"batch {args.batch} x seq {args.seq}, fwd+bwd+AdamW")
@@ -145,6 +173,10 @@ def main():
         figures[f"{name}_r1kit_compiled_tokens_per_s"] = round(tps["r1kit_compiled"], 1)
         figures[f"{name}_r1kit_tokens_per_s"] = round(tps["r1kit"], 1)
         figures[f"{name}_transformers_tokens_per_s"] = round(tps["transformers"], 1)
+        if "r1kit_mixed" in tps:
+            figures[f"{name}_speedup_mixed"] = round(tps["r1kit_mixed"] / tps["transformers_mixed"], 3)
+            figures[f"{name}_r1kit_mixed_tokens_per_s"] = round(tps["r1kit_mixed"], 1)
+            figures[f"{name}_transformers_mixed_tokens_per_s"] = round(tps["transformers_mixed"], 1)
         if "transformers_compiled" in tps:
             figures[f"{name}_speedup_both_compiled"] = round(tps["r1kit_compiled"] / tps["transformers_compiled"], 3)
     print(json.dumps(figures))
