@@ -7,6 +7,12 @@ from r1kit.model import ModelConfig, Transformer, precision
 from r1kit.model.fuse import prepare_for_decode
 
 
+@pytest.fixture(autouse=True)
+def small_products_in_bf16_too(monkeypatch):
+    """The tests' small products would stay float32 (precision.MIN_MACS): here they run in bf16."""
+    monkeypatch.setattr(precision, "MIN_MACS", 0)
+
+
 def _bf16(t):
     return t.to(torch.bfloat16).float()
 
@@ -71,9 +77,12 @@ def test_off_outside_the_context_and_for_few_rows_and_other_dtypes():
         assert precision.active(torch.randn(64, 32), w)
         assert not precision.active(torch.randn(63, 32), w)  # too few rows to pay: float32
         assert not precision.active(torch.randn(64, 32, dtype=torch.float64), w.double())
+        precision.MIN_MACS = 64 * 32 * 32 + 1  # (the fixture restores it)
+        assert not precision.active(torch.randn(64, 32), w)  # too small a product to pay
+        assert precision.active(torch.randn(128, 32), w)
         with precision.bf16_matmuls(False):
-            assert not precision.active(torch.randn(64, 32), w)
-        assert precision.active(torch.randn(64, 32), w)
+            assert not precision.active(torch.randn(128, 32), w)
+        assert precision.active(torch.randn(128, 32), w)
 
 
 def test_wanted():
@@ -110,17 +119,29 @@ def test_model_forward_and_backward_close_to_float32(fused):
         assert cos > 0.99, (name, cos)
 
 
-def test_output_head_stays_float32():
-    """The head's logits feed every log-probability: bf16 products there would round them."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_head_stays_float32(tied):
+    """The head's logits feed every log-probability: bf16 products there would round them. Also in
+    generation, where the engine's packed copies run the head (cpu_kernels, bf16 mode on AMX)."""
+    from r1kit.engine import Engine
+
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=128, intermediate_size=256,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tied)
     model = Transformer(cfg)
+    head = model.model.embed_tokens.weight if tied else model.lm_head.weight
     h = torch.randn(2, 40, 128)
     with precision.bf16_matmuls():
         got = model.output_head(h)
-    torch.testing.assert_close(got, model.lm_head(h), rtol=0, atol=0)
+    torch.testing.assert_close(got, torch.nn.functional.linear(h, head), rtol=0, atol=0)
+    Engine(model)  # packed copies (where the kernels build)
+    h = torch.randn(8, 1, 128)  # a decode step's rows: the packed path
+    with torch.inference_mode():
+        ref = model.output_head(h)
+        with precision.bf16_matmuls():
+            got = model.output_head(h)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
 def test_a_copy_made_in_inference_mode_serves_a_later_backward():

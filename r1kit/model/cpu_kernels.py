@@ -190,11 +190,12 @@ def packed_size(N: int, K: int) -> int:
 _BF16 = [False]  # the library's mode: products in bf16 on AMX (r1_set_bf16)
 
 
-def sync_mode() -> bool:
+def sync_mode(allow: bool = True) -> bool:
     """Put the kernels in bf16 mode within precision.bf16_matmuls, where the build has AMX, and in
-    float32 mode elsewhere; True in bf16 mode. Packs and decode plans keep the mode they were made in
-    (their keys hold it), so a switch packs the weights again on their next use."""
-    want = precision.bf16_on() and library().amx
+    float32 mode elsewhere or where not `allow`ed (the output head); True in bf16 mode. Packs and
+    decode plans keep the mode they were made in (their keys hold it): a pack made in the other mode
+    is made again on its next use."""
+    want = allow and precision.bf16_on() and library().amx
     if want != _BF16[0]:
         _BF16[0] = bool(library().r1_set_bf16(int(want)))
     return _BF16[0]
@@ -236,12 +237,12 @@ class PackedWeight:
         return self.buffer
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 version_key=None) -> torch.Tensor:
+                 version_key=None, bf16: bool = True) -> torch.Tensor:
         N, K = weight.shape
         x2 = x.reshape(-1, K)
         if x2.stride(1) != 1:
             x2 = x2.contiguous()
-        sync_mode()
+        sync_mode(bf16)
         packed = self._packed(weight, version_key)
         y = torch.empty(x2.shape[0], N, dtype=torch.float32)
         if bias is not None:
@@ -281,10 +282,11 @@ def _is_experts(module: nn.Module) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: PackedWeight | None = None, version_key=None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through `packed` when it applies (a few rows, no gradient, CPU)."""
+           packed: PackedWeight | None = None, version_key=None, bf16: bool = True) -> torch.Tensor:
+    """F.linear(x, weight, bias), through `packed` when it applies (a few rows, no gradient, CPU);
+    `bf16=False`: in float32 even within precision.bf16_matmuls (the output head)."""
     if packed is not None and packed.accepts(x, weight):
-        return packed(x, weight, bias, version_key)
+        return packed(x, weight, bias, version_key, bf16=bf16)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -294,7 +296,7 @@ def project(layer: nn.Module, x: torch.Tensor, bf16: bool = True) -> torch.Tenso
     layer (a quantized one) is just called."""
     packed = layer.__dict__.get("packed_weight")
     if packed is not None and type(layer) is nn.Linear and packed.accepts(x, layer.weight):
-        return packed(x, layer.weight, layer.bias)
+        return packed(x, layer.weight, layer.bias, bf16=bf16)
     if bf16 and type(layer) is nn.Linear and precision.active(x, layer.weight):  # bf16 products (precision.bf16_matmuls)
         return precision.linear(x, layer.weight, layer.bias)
     return layer(x)

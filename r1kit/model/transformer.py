@@ -110,7 +110,7 @@ class Transformer(nn.Module):
         # float32 even within precision.bf16_matmuls: bf16 logits would round every log-probability
         if self.lm_head is not None:  # a module call, so a quantized head replaces it cleanly
             return project(self.lm_head, h, bf16=False)
-        return linear(h, self.model.embed_tokens.weight, packed=self.__dict__.get("head_packed"))
+        return linear(h, self.model.embed_tokens.weight, packed=self.__dict__.get("head_packed"), bf16=False)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
