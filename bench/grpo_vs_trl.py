@@ -329,7 +329,7 @@ def main() -> int:
     tok = train_tokenizer([], kind="char")
     # r1kit's default (GRPOConfig.bf16 = "auto"): bf16 products on a CPU with AMX. Then r1kit also runs
     # in float32, and TRL with bf16=True too (accelerate's CPU autocast), so that each precision has its peer
-    mixed = precision.wanted("auto", "cpu")
+    mixed = precision.wanted("auto", "cpu", min(v["hidden_size"] for v in SIZES.values()))
     print(f"r1kit's default here: {'bf16 products (AMX)' if mixed else 'float32'}", flush=True)
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -106,10 +106,19 @@ def addition_base(tok):
     return model, task, train, held_out
 
 
-def test_grpo_raises_held_out_accuracy(tok, tmp_path):
+@pytest.mark.parametrize("bf16", ["auto", True])
+def test_grpo_raises_held_out_accuracy(tok, tmp_path, bf16, monkeypatch):
+    """bf16=True: every linear product of rollouts and update in bf16 (r1kit.model.precision; on AMX
+    the C decode kernels too), even the test model's small ones; it must learn as well."""
+    from r1kit.model import cpu_kernels, precision
+    if bf16 is True:
+        monkeypatch.setattr(precision, "MIN_MACS", 0)
+        modes = []
+        sync = cpu_kernels.sync_mode
+        monkeypatch.setattr(cpu_kernels, "sync_mode", lambda allow=True: modes.append(sync(allow)) or modes[-1])
     model, task, train, held_out = addition_base(tok)
     config = quick_config(num_generations=8, batch_size=32, max_completion_length=48, learning_rate=5e-4,
-                          max_steps=20, output_dir=str(tmp_path), sample_every=10)
+                          max_steps=20, output_dir=str(tmp_path), sample_every=10, bf16=bf16)
     verify = lambda text, s: task.verify(text, s)  # noqa: E731
     before = evaluate_pass1(model, tok, held_out, config, verify=verify, k=8)["pass@1"]
     result = train_grpo(config, model, tok, train_samples=train, reward_fn=lambda t, s: float(task.verify(t, s)))
@@ -131,6 +140,8 @@ def test_grpo_raises_held_out_accuracy(tok, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 20
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2 * config.num_samples_to_log
+    if bf16 is True and cpu_kernels.library() is not None and cpu_kernels.library().amx:
+        assert any(modes) and not all(modes)  # rollouts' products in bf16, the output head's in float32
 
 
 # ---------------------------------------------------------------------------- the engine's log-probs are the training forward's

@@ -88,6 +88,9 @@ def test_off_outside_the_context_and_for_few_rows_and_other_dtypes():
 def test_wanted():
     assert precision.wanted(True, "cpu") and not precision.wanted(False, "cpu")
     assert precision.wanted("auto", "cpu") == precision.fast_bf16_cpu()
+    assert precision.wanted("auto", "cpu", hidden_size=512) == precision.fast_bf16_cpu()
+    assert not precision.wanted("auto", "cpu", hidden_size=128)  # too narrow to pay: float32
+    assert precision.wanted(True, "cpu", hidden_size=128)
     assert not precision.wanted(True, "meta")
     with pytest.raises(ValueError, match="bf16 must be"):
         precision.wanted("yes", "cpu")

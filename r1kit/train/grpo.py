@@ -738,7 +738,7 @@ def train_grpo(
         keep_freed_memory()
     # the rollouts' and the update's products in bf16 (float32 weights): where AMX makes them several times
     # faster. Both round the same weights and activations to bf16: pi_old and pi differ by their sums' order
-    mixed = precision.wanted(config.bf16, device)
+    mixed = precision.wanted(config.bf16, device, getattr(getattr(model, "config", None), "hidden_size", None))
 
     G = config.num_generations
     local_completions = config.batch_size // world_size

@@ -372,7 +372,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
                                        and torch.cuda.is_bf16_supported())
     # on a CPU not autocast (it recasts every weight at every forward, and runs attention in bf16, whose
     # backward is slow there) but bf16 products in the linear layers only, where AMX makes them pay
-    cpu_bf16 = precision.wanted(config.bf16, info.device)
+    cpu_bf16 = precision.wanted(config.bf16, info.device, getattr(getattr(model, "config", None), "hidden_size", None))
     if use_bf16 and info.device.type != "cuda":
         use_bf16 = False
 
