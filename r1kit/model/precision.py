@@ -17,8 +17,9 @@ returns float32; its backward computes dx = dy W and dW = dy^T x the same way. P
 gradients and the optimizer stay float32. Numerically this is what autocast does for a linear: the
 inputs of each product are rounded to bf16 (8 significant bits).
 
-Off by default. The trainers turn it on where it pays (`fast_bf16_cpu()`: a CPU with AMX), and
-never under torch.compile or for sharded (FSDP) weights.
+Off by default. The trainers turn it on where it pays (`wanted`: a CPU with AMX, a model at least
+256 wide); it never applies under torch.compile, to sharded (FSDP) weights, or to products too small
+to gain (MIN_MACS). Within it r1kit's C decode kernels multiply in bf16 too (cpu_kernels.sync_mode).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import contextlib
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from r1kit.model.updates import version
@@ -103,7 +103,7 @@ def padded(x2: torch.Tensor) -> torch.Tensor:
     """(n, k) float32 -> (n rounded up to ROWS, k) bf16, the extra rows zero.
 
     oneDNN, which runs torch's bf16 products on a CPU, builds (JIT-compiles) a kernel for every new
-    shape, about 4 ms each, and keeps them in a cache. A GRPO update's row counts change with every
+    shape (1-4 ms each here) and keeps them in a cache. A GRPO update's row counts change with every
     length bucket, so nearly every product would build one: with rounded counts a few shapes come
     back again and again. Zero rows add nothing to dW = dy^T x, and their outputs are dropped."""
     n = x2.shape[0]
@@ -157,9 +157,3 @@ class _Bf16Linear(torch.autograd.Function):
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
-
-def maybe_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, in bf16 products where `active`."""
-    if active(x, weight):
-        return linear(x, weight, bias)
-    return F.linear(x, weight, bias)

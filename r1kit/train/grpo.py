@@ -121,7 +121,8 @@ class GRPOConfig:
     gradient_checkpointing: bool = False
     compile: bool | str = False  # torch.compile the update's forward (True: inductor; shapes marked dynamic)
     bf16: bool | str = "auto"  # rollouts and update multiply their linear layers in bf16 on a CPU (float32 weights,
-    # gradients and optimizer; r1kit.model.precision): "auto" where it pays (a CPU with AMX), True on any CPU; GPUs: dtype
+    # gradients and optimizer; r1kit.model.precision): "auto" where it pays (a CPU with AMX, a model 256+ wide),
+    # True on any CPU; on GPUs see dtype
     dtype: str | None = None  # weights' dtype for main_from_config ("bfloat16" on GPU; the optimizer then keeps
     # float32 master weights, r1kit.train.optim.MasterWeightAdamW); None: float32
     device: str | None = None

@@ -73,7 +73,7 @@ class SFTConfig:
     seed: int = 42
     # --- precision, memory, scale
     bf16: bool | str = "auto"  # auto: bf16 autocast on GPUs that support it, bf16 products on CPUs with AMX
-    # (r1kit.model.precision); True: also on any CPU
+    # for models 256+ wide (r1kit.model.precision); True: also on any CPU
     gradient_checkpointing: bool = False
     compile: bool | str = False  # torch.compile the training forward (True: inductor; a string: that backend)
     device: str = "auto"
