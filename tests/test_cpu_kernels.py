@@ -587,10 +587,9 @@ def test_amx_decode_stack_agrees_with_the_blocks_and_with_float32(family, monkey
     assert 0 < err < 0.05 * ref.abs().max(), err
 
 
+@needs_amx
 def test_a_compiler_without_amx_falls_back_to_the_avx512_build(monkeypatch, tmp_path):
     import shutil
-    if cpu_kernels.library() is None or not cpu_kernels.library().amx:
-        pytest.skip("needs a CPU with AMX")
     cc = tmp_path / "cc"
     cc.write_text(f'#!/bin/sh\ncase "$*" in *-mamx-tile*) exit 1;; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
     cc.chmod(0o755)
