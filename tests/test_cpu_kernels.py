@@ -177,20 +177,26 @@ def test_unbuildable_kernels_warn_and_fall_back(monkeypatch, tmp_path):
     assert cpu_kernels.library() is None
 
 
-@needs_kernels
-def test_a_compiler_without_avx512_falls_back_to_the_avx2_build(monkeypatch, tmp_path):
-    """On an AVX-512 CPU whose compiler cannot target AVX-512 (an old gcc), the AVX2 build is used."""
+def _library_built_by_a_compiler_refusing(flag: str, monkeypatch, tmp_path):
+    """cpu_kernels.library() built afresh by a compiler that fails whenever given `flag`."""
     import shutil
     cc = tmp_path / "cc"
-    cc.write_text(f'#!/bin/sh\ncase "$*" in *-mavx512f*) exit 1;; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *{flag}*) exit 1;; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
     cc.chmod(0o755)
     monkeypatch.setattr(cpu_kernels, "_LIB", None)
     monkeypatch.setattr(cpu_kernels, "_TRIED", False)
+    monkeypatch.setattr(cpu_kernels, "_BF16", [False])
     monkeypatch.setenv("R1KIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.delenv("R1KIT_CPU_ISA", raising=False)
+    return cpu_kernels.library()
+
+
+@needs_kernels
+def test_a_compiler_without_avx512_falls_back_to_the_avx2_build(monkeypatch, tmp_path):
+    """On an AVX-512 CPU whose compiler cannot target AVX-512 (an old gcc), the AVX2 build is used."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    lib = cpu_kernels.library()
+    lib = _library_built_by_a_compiler_refusing("-mavx512f", monkeypatch, tmp_path)
     assert lib is not None and lib.nr == 24
     assert [f.name for f in (tmp_path / "cache").iterdir()][0].endswith("-avx2.so")
     w, x = torch.randn(30, 16), torch.randn(5, 16)
@@ -589,17 +595,7 @@ def test_amx_decode_stack_agrees_with_the_blocks_and_with_float32(family, monkey
 
 @needs_amx
 def test_a_compiler_without_amx_falls_back_to_the_avx512_build(monkeypatch, tmp_path):
-    import shutil
-    cc = tmp_path / "cc"
-    cc.write_text(f'#!/bin/sh\ncase "$*" in *-mamx-tile*) exit 1;; esac\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
-    cc.chmod(0o755)
-    monkeypatch.setattr(cpu_kernels, "_LIB", None)
-    monkeypatch.setattr(cpu_kernels, "_TRIED", False)
-    monkeypatch.setattr(cpu_kernels, "_BF16", [False])
-    monkeypatch.setenv("R1KIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.delenv("R1KIT_CPU_ISA", raising=False)
-    lib = cpu_kernels.library()
+    lib = _library_built_by_a_compiler_refusing("-mamx-tile", monkeypatch, tmp_path)
     assert lib is not None and lib.nr == 48 and not lib.amx
     assert [f.name for f in (tmp_path / "cache").iterdir()][0].endswith("-avx512.so")
     from r1kit.model import precision
