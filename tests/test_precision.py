@@ -7,20 +7,36 @@ from r1kit.model import ModelConfig, Transformer, precision
 from r1kit.model.fuse import prepare_for_decode
 
 
-@pytest.fixture(autouse=True)
-def small_products_in_bf16_too(monkeypatch):
-    """The tests' small products would stay float32 (precision.MIN_MACS): here they run in bf16."""
+def _kernels_run() -> bool:
+    from r1kit.model import cpu_kernels
+
+    lib = cpu_kernels.library()
+    return lib is not None and lib.amx
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def backend(request, monkeypatch):
+    """Every test runs on both ways to multiply in bf16: r1kit's C kernels (AMX CPUs) and torch's
+    products. The tests' small products would stay float32 (precision.MIN_MACS): here they run in bf16."""
+    if request.param == "kernels" and not _kernels_run():
+        pytest.skip("r1kit's bf16 kernels need a CPU with AMX")
+    monkeypatch.setattr(precision, "KERNELS", request.param == "kernels")
     monkeypatch.setattr(precision, "MIN_MACS", 0)
+    monkeypatch.setattr(precision, "KERNEL_MIN_MACS", 0)
+    monkeypatch.setattr(precision, "KERNEL_MIN_WEIGHT", 0)
+    return request.param
 
 
 def _bf16(t):
     return t.to(torch.bfloat16).float()
 
 
-def test_linear_matches_bf16_rounded_inputs_and_pads_rows():
+def test_linear_matches_bf16_rounded_inputs_and_pads_rows(backend):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 80)
-    for rows in (64, 65, 130, 7 * 64 + 3):  # padded to multiples of 64 (and at least 64: below, float32)
+    # torch's products pad rows to multiples of 64 (at least 64: below, float32); the kernels' tiles
+    # are 16 x 32, so 7 * 64 + 3 rows and 80 columns leave partial tiles at every edge
+    for rows in (64, 65, 130, 7 * 64 + 3):
         x = torch.randn(rows, 96, requires_grad=True)
         with precision.bf16_matmuls():
             assert precision.active(x, lin.weight)
@@ -28,13 +44,36 @@ def test_linear_matches_bf16_rounded_inputs_and_pads_rows():
         # the product of bf16-rounded inputs, accumulated in float32: what AMX computes
         ref = _bf16(x.detach()) @ _bf16(lin.weight.detach()).t() + lin.bias.detach()
         assert y.dtype == torch.float32 and y.shape == (rows, 80)
-        # one rounding of the output to bf16 on top of the reference
-        torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+        # torch's products round the output to bf16 on top of the reference; the kernels' do not
+        tol = dict(rtol=1e-2, atol=1e-2) if backend == "torch" else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, ref, **tol)
         dy = torch.randn(rows, 80)
         y.backward(dy)
+        gw = lin.weight.grad
         lin.weight.grad = lin.bias.grad = None
         gx = x.grad
-        torch.testing.assert_close(gx, _bf16(dy) @ _bf16(lin.weight.detach()), rtol=1e-2, atol=2e-2)
+        tol = dict(rtol=1e-2, atol=2e-2) if backend == "torch" else dict(rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(gx, _bf16(dy) @ _bf16(lin.weight.detach()), **tol)
+        torch.testing.assert_close(gw, _bf16(dy).t() @ _bf16(x.detach()), **(tol if backend == "kernels" else
+                                                                            dict(rtol=1e-2, atol=0.3)))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_every_weight_layout_multiplies_alike(layout):
+    """The kernels pack (out, in) weights, transposed storage (a fused q|k|v block, fuse.py) and any
+    other strides (element by element); torch's products take them as they are."""
+    torch.manual_seed(0)
+    base = torch.randn(45, 140)
+    w = {"contiguous": base[:, :70].contiguous(), "transposed": base[:, :70].t().contiguous().t(),
+         "strided": base[:, ::2]}[layout].requires_grad_()
+    x = torch.randn(2, 33, 70, requires_grad=True)
+    with precision.bf16_matmuls():
+        assert precision.active(x, w)
+        y = precision.linear(x, w)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, _bf16(x.detach()) @ _bf16(w.detach()).t(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad, _bf16(torch.ones(2, 33, 45)) @ _bf16(w.detach()), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, _bf16(x.detach()).reshape(-1, 70).sum(0).expand(45, 70), rtol=1e-2, atol=0.3)
 
 
 def test_gradients_land_in_float32_and_follow_float32():
@@ -52,37 +91,56 @@ def test_gradients_land_in_float32_and_follow_float32():
     assert (g_low - lin.weight.grad).abs().max() < 0.02 * lin.weight.grad.abs().max()
 
 
-def test_bf16_copy_is_rebuilt_after_every_weight_update():
+def test_bf16_copy_is_rebuilt_after_every_weight_update(backend):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 64, bias=False)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)  # fused AdamW does not bump _version
     x = torch.randn(64, 64)
+
+    def check():  # the product follows the weight as it is now
+        with torch.no_grad():
+            torch.testing.assert_close(precision.linear(x, lin.weight), _bf16(x) @ _bf16(lin.weight).t(),
+                                       rtol=1e-2, atol=1e-2)
+
     with precision.bf16_matmuls():
-        first = precision.low(lin.weight)
-        assert precision.low(lin.weight) is first  # kept while the weight stays
+        if backend == "torch":
+            first = precision.low(lin.weight)
+            assert precision.low(lin.weight) is first  # kept while the weight stays
+        else:
+            precision.linear(x, lin.weight)
+            first = precision._packs(lin.weight)
+            assert precision._packs(lin.weight) is first
         precision.linear(x, lin.weight).sum().backward()
         opt.step()
-        second = precision.low(lin.weight)
+        check()
+        second = precision.low(lin.weight) if backend == "torch" else precision._packs(lin.weight)
         assert second is not first
-        torch.testing.assert_close(second.float(), _bf16(lin.weight.detach()))
+        if backend == "torch":
+            torch.testing.assert_close(second.float(), _bf16(lin.weight.detach()))
         with torch.no_grad():
             lin.weight.mul_(2)  # an in-place write
-        torch.testing.assert_close(precision.low(lin.weight).float(), _bf16(lin.weight.detach()))
+        check()
 
 
-def test_off_outside_the_context_and_for_few_rows_and_other_dtypes():
+def test_off_outside_the_context_and_for_few_rows_and_other_dtypes(backend):
     w = torch.randn(32, 32)
-    assert not precision.active(torch.randn(64, 32), w)
+    least = precision.KERNEL_ROWS if backend == "kernels" else precision.ROWS
+    assert not precision.active(torch.randn(least, 32), w)
     with precision.bf16_matmuls():
-        assert precision.active(torch.randn(64, 32), w)
-        assert not precision.active(torch.randn(63, 32), w)  # too few rows to pay: float32
-        assert not precision.active(torch.randn(64, 32, dtype=torch.float64), w.double())
-        precision.MIN_MACS = 64 * 32 * 32 + 1  # (the fixture restores it)
-        assert not precision.active(torch.randn(64, 32), w)  # too small a product to pay
-        assert precision.active(torch.randn(128, 32), w)
+        assert precision.active(torch.randn(least, 32), w)
+        assert not precision.active(torch.randn(least - 1, 32), w)  # too few rows to pay: float32
+        assert not precision.active(torch.randn(least, 32, dtype=torch.float64), w.double())
+        per_thread = torch.get_num_threads() if backend == "kernels" else 1
+        setattr(precision, "KERNEL_MIN_MACS" if backend == "kernels" else "MIN_MACS", least * 32 * 32 // per_thread + 1)
+        assert not precision.active(torch.randn(least, 32), w)  # too small a product to pay
+        assert precision.active(torch.randn(2 * least, 32), w)
+        if backend == "kernels":
+            precision.KERNEL_MIN_WEIGHT = 32 * 32 + 1
+            assert not precision.active(torch.randn(2 * least, 32), w)  # too small a weight to pay
+            precision.KERNEL_MIN_WEIGHT = 0
         with precision.bf16_matmuls(False):
-            assert not precision.active(torch.randn(128, 32), w)
-        assert precision.active(torch.randn(128, 32), w)
+            assert not precision.active(torch.randn(2 * least, 32), w)
+        assert precision.active(torch.randn(2 * least, 32), w)
 
 
 def test_wanted():

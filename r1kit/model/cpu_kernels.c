@@ -59,7 +59,8 @@ typedef __m256 vec;
  * Layout: panels of NRB = 32 columns; a panel is Kp / 32 blocks (K padded to Kp, a multiple of 32,
  * with zeros), a block two B tiles (columns 0-15, 16-31) of 16 rows x 64 bytes, row r holding
  * W[k0 + 2r][n], W[k0 + 2r + 1][n] for each of the tile's 16 columns n (the pairs AMX's dot product
- * takes). x is copied into bf16 rows of Kp, padded to 16 rows, and read as A tiles of 16 x 32.
+ * takes). x is copied into bf16 A tiles of 16 rows x 32 columns (K padded to Kp, rows to a multiple of
+ * 16), each tile one contiguous kilobyte (a_index).
  * ------------------------------------------------------------------------------------------------ */
 static int bf16_mode = 0;
 #define NRB 32
@@ -109,83 +110,206 @@ static inline void store_tile(const float *t, float *y, int64_t ldy, int64_t m0,
         _mm512_mask_storeu_ps(y + (m0 + r) * ldy + n0, mask, _mm512_add_ps(_mm512_loadu_ps(t + 16 * r), b));
 }
 
-static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
-                     const float *bias, float *y, int64_t ldy, int nt) {
-    int64_t Kp = (K + 31) / 32 * 32, M16 = (M + 15) / 16 * 16, panels = (N + NRB - 1) / NRB;
-    uint16_t *xb = aligned_alloc(64, (size_t)(M16 * Kp * 2 + 63) / 64 * 64);
-    for (int64_t m = 0; m < M16; m++) { /* x in bf16, zero past row M and column K */
-        uint16_t *dst = xb + m * Kp;
-        int64_t k = 0;
-        if (m < M) {
-            const float *src = x + m * ldx;
-            for (; k + 16 <= K; k += 16)
-                _mm256_storeu_si256((__m256i *)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
-            for (; k < K; k++)
-                dst[k] = to_bf16(src[k]);
+/* A's layout for amx_tiles: bf16 tiles of 16 rows x 32 columns, each 1 KB contiguous, a row of tiles
+ * (16 rows x Kp) after another; element [m][k] at ((m / 16) * Kp / 32 + k / 32) * 512 + m % 16 * 32 + k % 32.
+ * A tile then loads from one contiguous kilobyte (rows 64 bytes apart), not from 16 scattered rows. */
+static inline int64_t a_index(int64_t m, int64_t k, int64_t Kp) { return (m / 16 * (Kp / 32) + k / 32) * 512 + m % 16 * 32 + k % 32; }
+
+/* x (M x K, rows ldx apart) in A's layout, Kp (a multiple of 32) wide, zero past row M (to M16) and column K. */
+static void rows_to_bf16(const float *x, int64_t M, int64_t K, int64_t ldx, uint16_t *out, int64_t Kp, int64_t M16) {
+    for (int64_t m = 0; m < M16; m++) {
+        const float *src = x + m * ldx;
+        for (int64_t k = 0; k < Kp; k += 16) {
+            int64_t cols = K - k < 16 ? (K - k > 0 ? K - k : 0) : 16;
+            __m512 v = m < M ? _mm512_maskz_loadu_ps((__mmask16)((1u << cols) - 1), src + k) : _mm512_setzero_ps();
+            _mm256_storeu_si256((__m256i *)(out + a_index(m, k, Kp)), (__m256i)_mm512_cvtneps_pbh(v));
         }
-        memset(dst + k, 0, (Kp - k) * 2);
     }
+}
+
+/* The transpose of x (M x K, rows ldx apart) in A's layout, Mp (a multiple of 32) wide: A[k][m] = x[m][k]
+ * for k < K16, zero past row K and column M. 16 x 16 blocks: rows of x converted with vector
+ * instructions, then transposed through a small buffer. */
+static void cols_to_bf16(const float *x, int64_t M, int64_t K, int64_t ldx, uint16_t *out, int64_t Mp, int64_t K16) {
+    uint16_t blk[16][16];
+    for (int64_t m0 = 0; m0 < Mp; m0 += 16)
+        for (int64_t k0 = 0; k0 < K16; k0 += 16) {
+            int64_t cols = K - k0 < 16 ? (K - k0 > 0 ? K - k0 : 0) : 16;
+            __mmask16 mask = (__mmask16)((1u << cols) - 1);
+            for (int64_t r = 0; r < 16; r++) {
+                __m512 v = m0 + r < M ? _mm512_maskz_loadu_ps(mask, x + (m0 + r) * ldx + k0) : _mm512_setzero_ps();
+                _mm256_storeu_si256((__m256i *)blk[r], (__m256i)_mm512_cvtneps_pbh(v));
+            }
+            for (int64_t c = 0; c < 16; c++) {
+                uint16_t *dst = out + a_index(k0 + c, m0, Mp);
+                for (int64_t r = 0; r < 16; r++)
+                    dst[r] = blk[r][c];
+            }
+        }
+}
+
+/* y (M x N) = a @ W (+ bias): a in A's layout (M padded to M16, K to Kp), W packed by pack_bf16. Rows
+ * go in chunks whose bf16 copy fits in L2 (each panel of W is read once per chunk); threads split a
+ * chunk's panels. Each step multiplies two 16-row tiles of a by two 16-column tiles of W. */
+static void amx_tiles(const uint16_t *a, int64_t M, int64_t Kp, const uint16_t *packed, int64_t N,
+                      const float *bias, float *y, int64_t ldy, int nt) {
+    int64_t M16 = (M + 15) / 16 * 16, panels = (N + NRB - 1) / NRB;
+    int64_t chunk = (768 * 1024 / (Kp * 2)) / 32 * 32;
+    if (chunk < 32)
+        chunk = 32;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         amx_configure();
         float t[256] __attribute__((aligned(64)));
+        for (int64_t c0 = 0; c0 < M16; c0 += chunk) {
+            int64_t c1 = c0 + chunk < M16 ? c0 + chunk : M16;
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
-            const uint16_t *panel = packed + p * Kp * NRB;
-            int64_t n0 = p * NRB;
-            for (int64_t m0 = 0; m0 < M16; m0 += 32) {
-                int two = m0 + 16 < M16;
-                _tile_zero(4);
-                _tile_zero(5);
-                _tile_zero(6);
-                _tile_zero(7);
-                for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
-                    const uint16_t *blk = panel + k0 * NRB;
-                    _tile_loadd(2, blk, 64);
-                    _tile_loadd(3, blk + 512, 64);
-                    _tile_loadd(0, xb + m0 * Kp + k0, Kp * 2);
-                    _tile_dpbf16ps(4, 0, 2);
-                    _tile_dpbf16ps(5, 0, 3);
-                    if (two) {
-                        _tile_loadd(1, xb + (m0 + 16) * Kp + k0, Kp * 2);
-                        _tile_dpbf16ps(6, 1, 2);
-                        _tile_dpbf16ps(7, 1, 3);
+            for (int64_t p = 0; p < panels; p++) {
+                const uint16_t *panel = packed + p * Kp * NRB;
+                int64_t n0 = p * NRB;
+                for (int64_t m0 = c0; m0 < c1; m0 += 32) {
+                    int two = m0 + 16 < c1;
+                    _tile_zero(4);
+                    _tile_zero(5);
+                    _tile_zero(6);
+                    _tile_zero(7);
+                    for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
+                        const uint16_t *blk = panel + k0 * NRB;
+                        _tile_loadd(2, blk, 64);
+                        _tile_loadd(3, blk + 512, 64);
+                        _tile_loadd(0, a + a_index(m0, k0, Kp), 64);
+                        _tile_dpbf16ps(4, 0, 2);
+                        _tile_dpbf16ps(5, 0, 3);
+                        if (two) {
+                            _tile_loadd(1, a + a_index(m0 + 16, k0, Kp), 64);
+                            _tile_dpbf16ps(6, 1, 2);
+                            _tile_dpbf16ps(7, 1, 3);
+                        }
                     }
-                }
-                _tile_stored(4, t, 64);
-                store_tile(t, y, ldy, m0, M, n0, N, bias);
-                if (n0 + 16 < N) {
-                    _tile_stored(5, t, 64);
-                    store_tile(t, y, ldy, m0, M, n0 + 16, N, bias);
-                }
-                if (two) {
-                    _tile_stored(6, t, 64);
-                    store_tile(t, y, ldy, m0 + 16, M, n0, N, bias);
+                    /* whole tiles without a bias go straight to y; the rest through t */
+                    int direct = !bias && n0 + 32 <= N && m0 + (two ? 32 : 16) <= M;
+                    if (direct) {
+                        _tile_stored(4, y + m0 * ldy + n0, ldy * 4);
+                        _tile_stored(5, y + m0 * ldy + n0 + 16, ldy * 4);
+                        if (two) {
+                            _tile_stored(6, y + (m0 + 16) * ldy + n0, ldy * 4);
+                            _tile_stored(7, y + (m0 + 16) * ldy + n0 + 16, ldy * 4);
+                        }
+                        continue;
+                    }
+                    _tile_stored(4, t, 64);
+                    store_tile(t, y, ldy, m0, M, n0, N, bias);
                     if (n0 + 16 < N) {
-                        _tile_stored(7, t, 64);
-                        store_tile(t, y, ldy, m0 + 16, M, n0 + 16, N, bias);
+                        _tile_stored(5, t, 64);
+                        store_tile(t, y, ldy, m0, M, n0 + 16, N, bias);
+                    }
+                    if (two) {
+                        _tile_stored(6, t, 64);
+                        store_tile(t, y, ldy, m0 + 16, M, n0, N, bias);
+                        if (n0 + 16 < N) {
+                            _tile_stored(7, t, 64);
+                            store_tile(t, y, ldy, m0 + 16, M, n0 + 16, N, bias);
+                        }
                     }
                 }
             }
         }
         _tile_release();
     }
+}
+
+static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
+                     const float *bias, float *y, int64_t ldy, int nt) {
+    int64_t Kp = (K + 31) / 32 * 32, M16 = (M + 15) / 16 * 16;
+    uint16_t *xb = aligned_alloc(64, (size_t)(M16 * Kp * 2 + 63) / 64 * 64);
+    rows_to_bf16(x, M, K, ldx, xb, Kp, M16);
+    amx_tiles(xb, M, Kp, packed, N, bias, y, ldy, nt);
     free(xb);
 }
 
+/* Pack W (K x N; element [k][n] at w[k * sk + n * sn]) in bf16 tiles (layout above). Two layouts go
+ * by vector instructions: rows of W contiguous (sn == 1: two rows' 16 columns converted and
+ * interleaved into a tile row) and columns contiguous (sk == 1: a column's 32 k converted, then its
+ * 16 pairs spread down the tile's rows); any other element by element. */
 static void pack_bf16(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, uint16_t *out, int nt) {
     int64_t Kp = (K + 31) / 32 * 32, panels = (N + NRB - 1) / NRB;
+    __m512i inter = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                     23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t p = 0; p < panels; p++)
         for (int64_t k0 = 0; k0 < Kp; k0 += 32)
-            for (int64_t j = 0; j < 2; j++)
-                for (int64_t r = 0; r < 16; r++)
-                    for (int64_t c = 0; c < 16; c++)
-                        for (int64_t e = 0; e < 2; e++) {
-                            int64_t k = k0 + 2 * r + e, n = p * NRB + 16 * j + c;
-                            out[p * Kp * NRB + k0 * NRB + j * 512 + r * 32 + c * 2 + e] =
-                                k < K && n < N ? to_bf16(w[k * sk + n * sn]) : 0;
+            for (int64_t j = 0; j < 2; j++) {
+                int64_t n0 = p * NRB + 16 * j;
+                uint16_t *dst = out + p * Kp * NRB + k0 * NRB + j * 512;
+                int64_t cols = N - n0 < 16 ? (N - n0 > 0 ? N - n0 : 0) : 16;
+                int64_t rows = K - k0 < 32 ? K - k0 : 32;
+                if (sn == 1) {
+                    __mmask16 mask = (__mmask16)((1u << cols) - 1);
+                    for (int64_t r = 0; r < 16; r++) {
+                        int64_t k = k0 + 2 * r;
+                        __m512 lo = k < K ? _mm512_maskz_loadu_ps(mask, w + k * sk + n0) : _mm512_setzero_ps();
+                        __m512 hi = k + 1 < K ? _mm512_maskz_loadu_ps(mask, w + (k + 1) * sk + n0) : _mm512_setzero_ps();
+                        __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lo's 16 values, then hi's */
+                        _mm512_storeu_si512(dst + r * 32, _mm512_permutexvar_epi16(inter, both));
+                    }
+                } else if (sk == 1) {
+                    uint32_t col[16][16]; /* col[c][r]: column c's pair (k0 + 2r, k0 + 2r + 1) */
+                    __mmask16 m0 = (__mmask16)(rows >= 16 ? 0xffff : (1u << rows) - 1);
+                    __mmask16 m1 = (__mmask16)(rows >= 32 ? 0xffff : rows > 16 ? (1u << (rows - 16)) - 1 : 0);
+                    for (int64_t c = 0; c < 16; c++) {
+                        if (c < cols) {
+                            const float *src = w + (n0 + c) * sn + k0;
+                            __m512 lo = _mm512_maskz_loadu_ps(m0, src), hi = _mm512_maskz_loadu_ps(m1, src + 16);
+                            _mm512_storeu_si512(col[c], (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                        } else {
+                            memset(col[c], 0, sizeof col[c]);
                         }
+                    }
+                    uint32_t *d32 = (uint32_t *)dst;
+                    for (int64_t r = 0; r < 16; r++)
+                        for (int64_t c = 0; c < 16; c++)
+                            d32[r * 16 + c] = col[c][r];
+                } else {
+                    for (int64_t r = 0; r < 16; r++)
+                        for (int64_t c = 0; c < 16; c++)
+                            for (int64_t e = 0; e < 2; e++) {
+                                int64_t k = k0 + 2 * r + e, n = n0 + c;
+                                dst[r * 32 + c * 2 + e] = k < K && n < N ? to_bf16(w[k * sk + n * sn]) : 0;
+                            }
+                }
+            }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Training's products in bf16 (precision.py, within bf16_matmuls on an AMX CPU), whatever the mode:
+ * y = x W^T from W^T packed once per optimizer step (r1_bf16_pack), dx = dy W from W packed, and
+ * dW = dy^T x (r1_bf16_gemm_tn), each from float32 inputs rounded to bf16 on the way in and giving
+ * float32, unrounded: one call per product, no float32 <-> bf16 copies around it.
+ * ------------------------------------------------------------------------------------------------ */
+int64_t r1_bf16_packed_elems(int64_t K, int64_t N) { return (N + NRB - 1) / NRB * ((K + 31) / 32 * 32) * NRB; }
+
+void r1_bf16_pack(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, uint16_t *out, int nt) {
+    pack_bf16(w, K, N, sk, sn, out, nt);
+}
+
+/* y (M x N, rows ldy apart) = x (M x K, rows ldx apart) @ W + bias (may be NULL), W by r1_bf16_pack. */
+void r1_bf16_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
+                  const float *bias, float *y, int64_t ldy, int nt) {
+    gemm_amx(x, M, K, ldx, packed, N, bias, y, ldy, nt);
+}
+
+/* y (O x I, rows ldy apart) = a^T @ b, for a (R x O, rows lda apart) and b (R x I, rows ldb apart): a
+ * weight's gradient, dy^T x, summed over R rows. */
+void r1_bf16_gemm_tn(const float *a, int64_t R, int64_t O, int64_t lda, const float *b, int64_t I, int64_t ldb,
+                     float *y, int64_t ldy, int nt) {
+    int64_t Rp = (R + 31) / 32 * 32, O16 = (O + 15) / 16 * 16;
+    uint16_t *at = aligned_alloc(64, (size_t)(O16 * Rp * 2 + 63) / 64 * 64);
+    uint16_t *bp = aligned_alloc(64, (size_t)(r1_bf16_packed_elems(R, I) * 2 + 63) / 64 * 64);
+    cols_to_bf16(a, R, O, lda, at, Rp, O16);
+    pack_bf16(b, R, I, ldb, 1, bp, nt);
+    amx_tiles(at, O, Rp, bp, I, NULL, y, ldy, nt);
+    free(at);
+    free(bp);
 }
 #else
 #define AMX 0
@@ -193,6 +317,12 @@ int r1_amx_init(void) { return 0; }
 static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
                      const float *bias, float *y, int64_t ldy, int nt) { abort(); }
 static void pack_bf16(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, uint16_t *out, int nt) { abort(); }
+int64_t r1_bf16_packed_elems(int64_t K, int64_t N) { return 0; }
+void r1_bf16_pack(const float *w, int64_t K, int64_t N, int64_t sk, int64_t sn, uint16_t *out, int nt) { abort(); }
+void r1_bf16_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
+                  const float *bias, float *y, int64_t ldy, int nt) { abort(); }
+void r1_bf16_gemm_tn(const float *a, int64_t R, int64_t O, int64_t lda, const float *b, int64_t I, int64_t ldb,
+                     float *y, int64_t ldy, int nt) { abort(); }
 #endif
 
 /* 1: products in bf16 on AMX from now on (packs made before must be made again); 0: float32. Returns

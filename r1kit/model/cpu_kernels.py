@@ -161,6 +161,15 @@ def library() -> ctypes.CDLL | None:
     lib.r1_pack.restype = None
     lib.r1_gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
     lib.r1_gemm.restype = None
+    # training's bf16 products (precision.py): y = x W^T, dx = dy W, dW = dy^T x
+    lib.r1_bf16_packed_elems.argtypes = [i64, i64]
+    lib.r1_bf16_packed_elems.restype = i64
+    lib.r1_bf16_pack.argtypes = [ptr, i64, i64, i64, i64, ptr, i32]
+    lib.r1_bf16_pack.restype = None
+    lib.r1_bf16_gemm.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
+    lib.r1_bf16_gemm.restype = None
+    lib.r1_bf16_gemm_tn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
+    lib.r1_bf16_gemm_tn.restype = None
     f32 = ctypes.c_float
     lib.r1_dense_decode_layer.argtypes = [ptr, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                           i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, i32]

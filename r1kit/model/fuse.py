@@ -87,10 +87,9 @@ class Fused:
         if torch.is_grad_enabled():
             params = [lin.weight for lin in self.linears] + [lin.bias for lin in self.linears if lin.bias is not None]
             if x.requires_grad or any(p.requires_grad for p in params):
-                w_low = None
-                if precision.active(x, self.weight):  # bf16 products (precision.bf16_matmuls)
-                    w_low = precision.low(self.weight, tuple(version(lin.weight) for lin in self.linears))
-                return _FusedLinear.apply(x, self.weight, self.bias, w_low, self.sizes,
+                # bf16 products within precision.bf16_matmuls; the layers' versions see optimizer steps
+                key = tuple(version(lin.weight) for lin in self.linears) if precision.active(x, self.weight) else None
+                return _FusedLinear.apply(x, self.weight, self.bias, key, self.sizes,
                                           [lin.bias is not None for lin in self.linears], *params)
         if self.packed is not None and self.packed.accepts(x, self.weight):
             # the layers' weights are views of the fused matrix with their own version counters:
@@ -104,37 +103,38 @@ class _FusedLinear(torch.autograd.Function):
     view the fused matrix: `params` are those weights, then the biases there are. Backward is two
     products: dx = dy W, and dW = dy^T x as one (sum(out), in) matrix whose row blocks are each
     layer's gradient, contiguous, as autograd wants it for a view that is not itself dense.
-    `w_low`: a bf16 copy of the fused weight (precision.bf16_matmuls): the three products then take
-    bf16 operands and give float32, as precision.linear's do."""
+    `bf16_key` (not None within precision.bf16_matmuls): the three products take bf16 operands and give
+    float32 (precision.product and precision.gradients); the key tells when the weight changed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_low, sizes, has_bias, *params):
+    def forward(ctx, x, weight, bias, bf16_key, sizes, has_bias, *params):
         ctx.sizes, ctx.has_bias, ctx.x_shape = sizes, has_bias, x.shape
-        if w_low is None:
+        ctx.bf16 = bf16_key is not None
+        if not ctx.bf16:
             ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight)
             return F.linear(x, weight, bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        x_low = precision.padded(x2)
-        ctx.save_for_backward(x_low, w_low)
-        y = (x_low @ w_low.t())[:x2.shape[0]].float()
-        if bias is not None:
-            y += bias
-        return y.view(*x.shape[:-1], -1)
+        y, saved, ctx.state = precision.product(x, weight, bias, bf16_key)
+        ctx.save_for_backward(*saved)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight = ctx.saved_tensors  # float32, or both bf16 (rows padded: precision.padded)
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dy_w = dy2 if weight.dtype == dy2.dtype else precision.padded(dy2)
-        dx = (dy_w @ weight)[:dy2.shape[0]].float().view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         n_weights = len(ctx.sizes)
+        need_dx, need_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[6:6 + n_weights])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if ctx.bf16:
+            dx, dw = precision.gradients(dy2, ctx.saved_tensors, ctx.state, need_dx, need_dw)
+        else:
+            x2, weight = ctx.saved_tensors
+            dx = dy2 @ weight if need_dx else None
+            dw = dy2.t() @ x2 if need_dw else None
         grads = [None] * (len(ctx.needs_input_grad) - 6)
-        if any(ctx.needs_input_grad[6:6 + n_weights]):
-            grads[:n_weights] = (dy_w.t() @ x2).float().split(ctx.sizes)
+        if dw is not None:
+            grads[:n_weights] = dw.split(ctx.sizes)
         if len(grads) > n_weights:  # the biases there are, in the layers' order
             db = dy2.sum(0).split(ctx.sizes)
             grads[n_weights:] = [d for d, has in zip(db, ctx.has_bias) if has]
-        return (dx, None, None, None, None, None, *grads)
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, None, None, *grads)
 
 
 def _transpose_storage(param: nn.Parameter) -> None:

@@ -12,14 +12,26 @@ what this module avoids:
   in every log-probability, so in GRPO's ratios; here the head stays float32.
 
 Inside `bf16_matmuls()`, a linear layer whose weight is float32 on the CPU computes y = x W^T from
-bf16 copies of x and W, with float32 accumulation (AMX and oneDNN accumulate in float32), and
-returns float32; its backward computes dx = dy W and dW = dy^T x the same way. Parameters, their
-gradients and the optimizer stay float32. Numerically this is what autocast does for a linear: the
-inputs of each product are rounded to bf16 (8 significant bits).
+bf16 copies of x and W, with float32 accumulation, and returns float32; its backward computes
+dx = dy W and dW = dy^T x the same way. Parameters, their gradients and the optimizer stay float32.
+The inputs of each product are rounded to bf16 (8 significant bits), as under autocast.
+
+Two ways to run the products (`product`, `gradients`):
+- r1kit's C kernels on AMX (cpu_kernels.c, `r1_bf16_*`), where they build: each weight packed into
+  AMX tiles once per optimizer step (W^T for y, W for dx), the activations rounded to bf16 inside the
+  call, and y, dx and dW written in float32, never rounded. One call per product: nothing is copied
+  around it, and no kernel is built per shape, so they pay from smaller products (KERNEL_MIN_MACS).
+- torch's bf16 products (oneDNN) elsewhere: x and the cached bf16 weight in, a bf16 result out,
+  converted to float32 (one more rounding than the kernels' results).
+Memory: the kernels keep two bf16 copies of each weight (together the float32 weight's size) and save
+a layer's float32 input for its backward (as float32 autograd does); torch's way one bf16 copy and a
+bf16 input.
+A linear layer's forward and backward, one thread on this AMX CPU, against the oneDNN way: 1.1-1.4x at
+a GRPO update's shapes (544-832 rows, 256-768 wide), 10x at 37 x 70 x 45 (oneDNN's fixed cost).
 
 Off by default. The trainers turn it on where it pays (`wanted`: a CPU with AMX, a model at least
 256 wide); it never applies under torch.compile, to sharded (FSDP) weights, or to products too small
-to gain (MIN_MACS). Within it r1kit's C decode kernels multiply in bf16 too (cpu_kernels.sync_mode).
+to gain (KERNEL_MIN_MACS, MIN_MACS). Within it r1kit's C decode kernels multiply in bf16 too (cpu_kernels.sync_mode).
 """
 from __future__ import annotations
 
@@ -88,6 +100,13 @@ ROWS = 64  # products run on a multiple of this many rows (see `padded`); fewer 
 # 256 x 128 x 512 0.93x, 256 x 256 x 256 1.06x, 768 x 128 x 384 1.30x, 256 x 256 x 768 1.57x,
 # 768 x 512 x 1536 3.45x.
 MIN_MACS = 1 << 25
+# r1kit's C kernels (`product`) pay from smaller products: no per-shape kernel builds, no copies around
+# them. Forward and backward of one layer here, float32 vs bf16, one thread: 64 x 256 x 256 (rows x in x
+# out) 0.99-1.06x, 32 x 256 x 512 1.09x, 15 x 256 x 1536 0.96x, 544 x 256 x 1536 2.62x; two threads (MKL's
+# float32 gains more from the second): 64 x 256 x 256 0.78x, 240 x 256 x 256 1.16x. Weights of 128 x 128
+# (a product of 128 terms per output) lose or tie at every size (0.5-1.2x), 128 x 384 up to 240 rows.
+KERNEL_ROWS, KERNEL_MIN_WEIGHT = 32, 1 << 16
+KERNEL_MIN_MACS = 1 << 22  # per thread
 
 
 def active(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -95,7 +114,13 @@ def active(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not (_ON[0] and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"):
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return (rows >= ROWS and rows * weight.numel() >= MIN_MACS and not torch.compiler.is_compiling()
+    if _kernels() is not None:
+        least_rows, least_macs = KERNEL_ROWS, KERNEL_MIN_MACS * torch.get_num_threads()
+        if weight.numel() < KERNEL_MIN_WEIGHT:
+            return False
+    else:
+        least_rows, least_macs = ROWS, MIN_MACS
+    return (rows >= least_rows and rows * weight.numel() >= least_macs and not torch.compiler.is_compiling()
             and type(weight) in (torch.Tensor, torch.nn.Parameter))
 
 
@@ -127,33 +152,128 @@ def low(weight: torch.Tensor, key=None) -> torch.Tensor:
     return copy
 
 
+def _kernels():
+    """r1kit's C kernels where they multiply in bf16 on AMX (cpu_kernels.c), else None."""
+    if not KERNELS:
+        return None
+    from r1kit.model import cpu_kernels  # it imports this module
+
+    lib = cpu_kernels.library()
+    return lib if lib is not None and lib.amx else None
+
+
+KERNELS = True  # False: torch's bf16 products (oneDNN) even where the C kernels could run, to compare
+_PACKS = WeakIdKeyDictionary()  # weight -> its _Packs for the C kernels; an entry goes with its weight
+
+
+class _Packs:
+    """One weight (out, in) in the C kernels' bf16 tiles: W^T for y = x W^T, made with the entry, and W
+    for dx = dy W, made at the first backward that needs it. Both are made again when `key` (the
+    weight's storage and version) changes, i.e. once per optimizer step."""
+
+    __slots__ = ("key", "fwd", "bwd")
+
+    def __init__(self, key):
+        self.key, self.fwd, self.bwd = key, None, None
+
+    @staticmethod
+    def pack(lib, w: torch.Tensor, K: int, N: int, sk: int, sn: int) -> torch.Tensor:
+        out = torch.empty(lib.r1_bf16_packed_elems(K, N), dtype=torch.bfloat16)
+        lib.r1_bf16_pack(w.data_ptr(), K, N, sk, sn, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def forward_pack(self, lib, weight):
+        if self.fwd is None:  # W^T: (in, out), element [k][n] at weight[n][k]
+            self.fwd = self.pack(lib, weight, weight.shape[1], weight.shape[0], weight.stride(1), weight.stride(0))
+        return self.fwd
+
+    def backward_pack(self, lib, weight):
+        if self.bwd is None:  # W: (out, in)
+            self.bwd = self.pack(lib, weight, weight.shape[0], weight.shape[1], weight.stride(0), weight.stride(1))
+        return self.bwd
+
+
+def _packs(weight: torch.Tensor, key=None) -> _Packs:
+    key = (weight.data_ptr(), version(weight) if key is None else key, tuple(weight.stride()))
+    hit = _PACKS.get(weight)
+    if hit is None or hit.key != key:
+        hit = _PACKS[weight] = _Packs(key)
+    return hit
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, cols) with unit column stride and rows at least cols apart (what the kernels read)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.stride(-1) != 1 or t2.stride(0) < t2.shape[1]:
+        t2 = t2.contiguous()
+    return t2
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, key=None):
+    """y = x W^T + b in float32 from bf16 products, and what `gradients` needs: (y, saved tensors, state).
+    Called by the autograd functions (_Bf16Linear, fuse._FusedLinear) where `active(x, weight)`."""
+    lib = _kernels()
+    if lib is not None:  # the C kernels: x rounded to bf16 inside, y float32 and never rounded
+        x2 = _rows(x)
+        packs = _packs(weight, key)
+        w = weight.detach()
+        N, K = w.shape
+        y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+        b = bias.detach().contiguous() if bias is not None else None
+        lib.r1_bf16_gemm(x2.data_ptr(), x2.shape[0], K, x2.stride(0), packs.forward_pack(lib, w).data_ptr(), N,
+                         b.data_ptr() if b is not None else None, y.data_ptr(), N, torch.get_num_threads())
+        return y.view(*x.shape[:-1], N), (x2, weight), packs
+    # torch's bf16 products (oneDNN): bf16 in and out, converted around them
+    x2 = x.reshape(-1, x.shape[-1])
+    x_low, w_low = padded(x2), low(weight, key)
+    y = (x_low @ w_low.t())[:x2.shape[0]].float()
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], w_low.shape[0]), (x_low, w_low), None
+
+
+def gradients(dy: torch.Tensor, saved, state, need_dx: bool, need_dw: bool):
+    """dx (rows, in) and dW (out, in), float32 (None where not needed), for `product`'s y = x W^T;
+    `saved` and `state` are what it returned."""
+    a, w = saved
+    if state is not None:  # the C kernels: a is x (float32), w the weight
+        lib, nt = _kernels(), torch.get_num_threads()
+        dy2 = _rows(dy)
+        R, (N, K) = dy2.shape[0], w.shape
+        dx = dw = None
+        if need_dx:
+            dx = torch.empty(R, K, dtype=torch.float32)
+            lib.r1_bf16_gemm(dy2.data_ptr(), R, N, dy2.stride(0), state.backward_pack(lib, w.detach()).data_ptr(), K,
+                             None, dx.data_ptr(), K, nt)
+        if need_dw:
+            dw = torch.empty(N, K, dtype=torch.float32)
+            lib.r1_bf16_gemm_tn(dy2.data_ptr(), R, N, dy2.stride(0), a.data_ptr(), K, a.stride(0), dw.data_ptr(), K, nt)
+        return dx, dw
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dy_low = padded(dy2)
+    dx = (dy_low @ w)[:dy2.shape[0]].float() if need_dx else None
+    dw = (dy_low.t() @ a).float() if need_dw else None
+    return dx, dw
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, key=None) -> torch.Tensor:
     """F.linear(x, weight, bias) with bf16 products: call where `active(x, weight)`."""
-    return _Bf16Linear.apply(x, weight, bias, low(weight, key))
+    return _Bf16Linear.apply(x, weight, bias, key)
 
 
 class _Bf16Linear(torch.autograd.Function):
-    """y = x W^T + b from bf16 copies of x and W, in float32; dx and dW the same way. Saves x in bf16
-    (half the memory of autograd's float32 copy)."""
+    """y = x W^T + b from bf16 copies of x and W, in float32; dx and dW the same way (`product`,
+    `gradients`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_low):
-        x2 = x.reshape(-1, x.shape[-1])
-        x_low = padded(x2)
-        y = (x_low @ w_low.t())[:x2.shape[0]].float()
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(x_low, w_low)
+    def forward(ctx, x, weight, bias, key):
+        y, saved, ctx.state = product(x, weight, bias, key)
+        ctx.save_for_backward(*saved)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return y.view(*x.shape[:-1], w_low.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_low, w_low = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dy_low = padded(dy2)
-        dx = (dy_low @ w_low)[:dy2.shape[0]].float().view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = (dy_low.t() @ x_low).float() if ctx.needs_input_grad[1] else None
-        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
-
+        dx, dw = gradients(dy, ctx.saved_tensors, ctx.state, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx.view(ctx.x_shape) if dx is not None else None, dw, db, None
