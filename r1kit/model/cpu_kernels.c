@@ -311,6 +311,28 @@ void r1_bf16_gemm_tn(const float *a, int64_t R, int64_t O, int64_t lda, const fl
     free(at);
     free(bp);
 }
+
+/* MoE experts (precision.grouped_linear): rows offs[e] .. offs[e + 1] of x (sorted by expert) times
+ * expert e's matrix, packed one after another, `per` elements apart (r1_bf16_pack each). */
+void r1_bf16_gemm_grouped(const float *x, const int64_t *offs, int64_t E, int64_t K, int64_t ldx,
+                          const uint16_t *packed, int64_t per, int64_t N, float *y, int64_t ldy, int nt) {
+    for (int64_t e = 0; e < E; e++)
+        if (offs[e + 1] > offs[e])
+            gemm_amx(x + offs[e] * ldx, offs[e + 1] - offs[e], K, ldx, packed + e * per, N, NULL, y + offs[e] * ldy,
+                     ldy, nt);
+}
+
+/* Every expert's weight gradient: y[e] (O x I, contiguous, E of them) = a[rows of e]^T @ b[rows of e]. */
+void r1_bf16_gemm_tn_grouped(const float *a, const int64_t *offs, int64_t E, int64_t O, int64_t lda, const float *b,
+                             int64_t I, int64_t ldb, float *y, int nt) {
+    for (int64_t e = 0; e < E; e++) {
+        float *ye = y + e * O * I;
+        if (offs[e + 1] > offs[e])
+            r1_bf16_gemm_tn(a + offs[e] * lda, offs[e + 1] - offs[e], O, lda, b + offs[e] * ldb, I, ldb, ye, I, nt);
+        else
+            memset(ye, 0, (size_t)(O * I) * sizeof(float));
+    }
+}
 #else
 #define AMX 0
 int r1_amx_init(void) { return 0; }
@@ -323,6 +345,10 @@ void r1_bf16_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint1
                   const float *bias, float *y, int64_t ldy, int nt) { abort(); }
 void r1_bf16_gemm_tn(const float *a, int64_t R, int64_t O, int64_t lda, const float *b, int64_t I, int64_t ldb,
                      float *y, int64_t ldy, int nt) { abort(); }
+void r1_bf16_gemm_grouped(const float *x, const int64_t *offs, int64_t E, int64_t K, int64_t ldx,
+                          const uint16_t *packed, int64_t per, int64_t N, float *y, int64_t ldy, int nt) { abort(); }
+void r1_bf16_gemm_tn_grouped(const float *a, const int64_t *offs, int64_t E, int64_t O, int64_t lda, const float *b,
+                             int64_t I, int64_t ldb, float *y, int nt) { abort(); }
 #endif
 
 /* 1: products in bf16 on AMX from now on (packs made before must be made again); 0: float32. Returns

@@ -170,6 +170,10 @@ def library() -> ctypes.CDLL | None:
     lib.r1_bf16_gemm.restype = None
     lib.r1_bf16_gemm_tn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
     lib.r1_bf16_gemm_tn.restype = None
+    lib.r1_bf16_gemm_grouped.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
+    lib.r1_bf16_gemm_grouped.restype = None
+    lib.r1_bf16_gemm_tn_grouped.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, ptr, i32]
+    lib.r1_bf16_gemm_tn_grouped.restype = None
     f32 = ctypes.c_float
     lib.r1_dense_decode_layer.argtypes = [ptr, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                           i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, i32]

@@ -13,9 +13,10 @@ Dispatch sorts the (token, expert) pairs by expert so that each expert runs once
 tokens routed to it; no expert ever sees a token it was not chosen for (one grouped GEMM per
 projection; under torch.compile each runs as the custom op r1kit::grouped_linear with its own
 backward, so a compiled forward and backward stay one graph). The pairs are a permutation of the
-tokens' k copies, so dispatch and combine are gathers both ways (_PermuteRows). When decoding a few
-tokens without grad, each (token, expert) pair instead gathers its expert's weights into one
-batched product: fewer kernels, fixed shapes.
+tokens' k copies, so dispatch and combine are gathers both ways (_PermuteRows). Within
+precision.bf16_matmuls on an AMX CPU the grouped products run in bf16 on r1kit's kernels instead
+(precision.grouped_linear). When decoding a few tokens without grad, each (token, expert) pair
+instead gathers its expert's weights into one batched product: fewer kernels, fixed shapes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from r1kit.model import precision
 from r1kit.model.config import ModelConfig
 from r1kit.model.layers import MLP
 
@@ -182,7 +184,11 @@ class Experts(nn.Module):
             # autocast casts a linear; the master weights keep their dtype and get their gradients
             low = torch.get_autocast_dtype(xs.device.type)
             xs, gate_up, down = xs.to(low), gate_up.to(low), down.to(low)
-        if self._can_group(xs):
+        if precision.grouped_active(xs, gate_up):  # bf16 products on AMX (precision.bf16_matmuls)
+            offsets = F.pad(counts.cumsum(0), (1, 0))
+            gate, up = precision.grouped_linear(xs, gate_up, offsets).chunk(2, dim=-1)
+            ys = precision.grouped_linear(F.silu(gate) * up, down, offsets)
+        elif self._can_group(xs):
             ys = _grouped_swiglu(xs, gate_up, down, counts)
         else:
             ys = self._loop(xs, counts.tolist())

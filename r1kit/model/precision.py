@@ -31,7 +31,9 @@ a GRPO update's shapes (544-832 rows, 256-768 wide), 10x at 37 x 70 x 45 (oneDNN
 
 Off by default. The trainers turn it on where it pays (`wanted`: a CPU with AMX, a model at least
 256 wide); it never applies under torch.compile, to sharded (FSDP) weights, or to products too small
-to gain (KERNEL_MIN_MACS, MIN_MACS). Within it r1kit's C decode kernels multiply in bf16 too (cpu_kernels.sync_mode).
+to gain (KERNEL_MIN_MACS, MIN_MACS). Within it r1kit's C decode kernels multiply in bf16 too
+(cpu_kernels.sync_mode), and so do the MoE experts' grouped products on the C kernels
+(`grouped_linear`; on torch's products they stay float32).
 """
 from __future__ import annotations
 
@@ -177,19 +179,27 @@ class _Packs:
         self.key, self.fwd, self.bwd = key, None, None
 
     @staticmethod
-    def pack(lib, w: torch.Tensor, K: int, N: int, sk: int, sn: int) -> torch.Tensor:
-        out = torch.empty(lib.r1_bf16_packed_elems(K, N), dtype=torch.bfloat16)
-        lib.r1_bf16_pack(w.data_ptr(), K, N, sk, sn, out.data_ptr(), torch.get_num_threads())
+    def pack(lib, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """weight (out, in) packed as W^T (in, out) if `transposed`, else as W; a stack (E, out, in) of
+        MoE experts' matrices one after another, r1_bf16_packed_elems apart."""
+        mats = weight.unsqueeze(0) if weight.dim() == 2 else weight
+        rows, cols = mats.shape[1:]
+        K, N = (cols, rows) if transposed else (rows, cols)
+        per = lib.r1_bf16_packed_elems(K, N)
+        out = torch.empty(len(mats) * per, dtype=torch.bfloat16)
+        for e, w in enumerate(mats):
+            sk, sn = (w.stride(1), w.stride(0)) if transposed else (w.stride(0), w.stride(1))
+            lib.r1_bf16_pack(w.data_ptr(), K, N, sk, sn, out.data_ptr() + 2 * e * per, torch.get_num_threads())
         return out
 
     def forward_pack(self, lib, weight):
         if self.fwd is None:  # W^T: (in, out), element [k][n] at weight[n][k]
-            self.fwd = self.pack(lib, weight, weight.shape[1], weight.shape[0], weight.stride(1), weight.stride(0))
+            self.fwd = self.pack(lib, weight, transposed=True)
         return self.fwd
 
     def backward_pack(self, lib, weight):
         if self.bwd is None:  # W: (out, in)
-            self.bwd = self.pack(lib, weight, weight.shape[0], weight.shape[1], weight.stride(0), weight.stride(1))
+            self.bwd = self.pack(lib, weight, transposed=False)
         return self.bwd
 
 
@@ -277,3 +287,59 @@ class _Bf16Linear(torch.autograd.Function):
         dx, dw = gradients(dy, ctx.saved_tensors, ctx.state, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx.view(ctx.x_shape) if dx is not None else None, dw, db, None
+
+
+def grouped_active(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the MoE experts' grouped products (x's rows sorted by expert, weight (E, out, in)) run in
+    bf16 here: only on r1kit's kernels, which loop over the experts at no cost per shape (torch's
+    oneDNN products would build a kernel for every new split of the rows among the experts), and
+    where an expert's average share of the rows is a product worth it (`active`'s thresholds)."""
+    if not (_ON[0] and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"):
+        return False
+    if _kernels() is None or torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    per_expert, rows = weight[0].numel(), x.shape[0] // weight.shape[0]
+    return (per_expert >= KERNEL_MIN_WEIGHT and rows >= KERNEL_ROWS
+            and rows * per_expert >= KERNEL_MIN_MACS * torch.get_num_threads())
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[e]:offsets[e + 1] of x times weight[e]^T, in float32 from bf16 products (r1kit's
+    kernels; call where `grouped_active`). offsets: (E + 1,) int64, from 0 to x's rows."""
+    return _GroupedBf16Linear.apply(x, weight, offsets)
+
+
+class _GroupedBf16Linear(torch.autograd.Function):
+    """Each expert's y = x W_e^T on its rows; dx and every dW_e the same way (r1_bf16_gemm_grouped,
+    r1_bf16_gemm_tn_grouped), each expert's matrices packed once per optimizer step."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets):
+        lib, nt = _kernels(), torch.get_num_threads()
+        x2, (E, N, K) = _rows(x), weight.shape
+        offsets = offsets.to(torch.int64).contiguous()
+        packs = _packs(weight)
+        y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+        lib.r1_bf16_gemm_grouped(x2.data_ptr(), offsets.data_ptr(), E, K, x2.stride(0),
+                                 packs.forward_pack(lib, weight.detach()).data_ptr(), lib.r1_bf16_packed_elems(K, N), N,
+                                 y.data_ptr(), N, nt)
+        ctx.save_for_backward(x2, weight, offsets)
+        ctx.packs = packs
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, offsets = ctx.saved_tensors
+        lib, nt = _kernels(), torch.get_num_threads()
+        dy2, (E, N, K) = _rows(dy), weight.shape
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(dy2.shape[0], K, dtype=torch.float32)
+            lib.r1_bf16_gemm_grouped(dy2.data_ptr(), offsets.data_ptr(), E, N, dy2.stride(0),
+                                     ctx.packs.backward_pack(lib, weight.detach()).data_ptr(),
+                                     lib.r1_bf16_packed_elems(N, K), K, dx.data_ptr(), K, nt)
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty(E, N, K, dtype=torch.float32)
+            lib.r1_bf16_gemm_tn_grouped(dy2.data_ptr(), offsets.data_ptr(), E, N, dy2.stride(0), x2.data_ptr(), K,
+                                        x2.stride(0), dw.data_ptr(), nt)
+        return dx, dw, None
