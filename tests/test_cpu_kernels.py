@@ -602,3 +602,32 @@ def test_a_compiler_without_amx_falls_back_to_the_avx512_build(monkeypatch, tmp_
     w, x = torch.randn(30, 16), torch.randn(5, 16)
     with torch.inference_mode(), precision.bf16_matmuls():  # no AMX: float32 products
         torch.testing.assert_close(cpu_kernels.PackedWeight()(x, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("halves", [True, False])
+@pytest.mark.parametrize("width", [768, 83])  # whole AVX2 vectors, and a tail
+def test_swiglu_equals_torch_forward_and_backward(halves, width):
+    """Training's SwiGLU in one C pass each way: silu(gate) * up as torch computes it, and the gradient
+    of a gate|up product as one tensor."""
+    torch.manual_seed(0)
+    gu = (torch.randn(6, 37, 2 * width) * 4).requires_grad_()  # large values too: sigmoid's both tails
+    ref_in = gu.detach().clone().requires_grad_()
+    if halves:
+        h = cpu_kernels.swiglu(gu)
+    else:  # two tensors, each a strided view of gu
+        h = cpu_kernels.swiglu(gu[..., :width], gu[..., width:])
+    ref = F.silu(ref_in[..., :width]) * ref_in[..., width:]
+    dh = torch.randn_like(ref)
+    h.backward(dh)
+    ref.backward(dh)
+    torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gu.grad, ref_in.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_small_or_other_dtypes_stay_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels._SwiGLU, "apply", lambda *a: calls.append(1))
+    cpu_kernels.swiglu(torch.randn(2, 8))  # too small to pay for a call
+    cpu_kernels.swiglu(torch.randn(64, 512, dtype=torch.bfloat16))
+    assert calls == []

@@ -577,6 +577,62 @@ static void silu_mul_rows(const float *x, int64_t M, int64_t N, float *y) {
     }
 }
 
+/* sigmoid of 8 floats, without overflow: 1 / (1 + e) for g >= 0, e / (1 + e) for g < 0, e = exp(-|g|) */
+static inline __m256 sigmoid8(__m256 g) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 e = exp8(_mm256_or_ps(g, _mm256_set1_ps(-0.0f)));
+    __m256 num = _mm256_blendv_ps(one, e, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_div_ps(num, _mm256_add_ps(one, e));
+}
+
+static inline float sigmoid1(float g) {
+    float e = expf(-fabsf(g));
+    return (g < 0 ? e : 1.0f) / (1.0f + e);
+}
+
+/* Training's SwiGLU (cpu_kernels.swiglu): h = silu(g) * u for M rows of N, each operand's rows its own
+ * stride apart (g and u: the two halves of one gate|up product, or two tensors). One pass over memory
+ * where torch makes two (silu, then the product) forward and four backward. */
+void r1_swiglu_forward(const float *g, int64_t ldg, const float *u, int64_t ldu, int64_t M, int64_t N,
+                       float *h, int64_t ldh, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *gr = g + m * ldg, *ur = u + m * ldu;
+        float *hr = h + m * ldh;
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            __m256 gv = _mm256_loadu_ps(gr + n);
+            _mm256_storeu_ps(hr + n, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(ur + n)));
+        }
+        for (; n < N; n++)
+            hr[n] = gr[n] * sigmoid1(gr[n]) * ur[n];
+    }
+}
+
+/* Its gradient: with s = sigmoid(g), dg = dh u s (1 + g (1 - s)) and du = dh g s (torch's silu_backward). */
+void r1_swiglu_backward(const float *g, int64_t ldg, const float *u, int64_t ldu, const float *dh, int64_t lddh,
+                        int64_t M, int64_t N, float *dg, int64_t lddg, float *du, int64_t lddu, int nt) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *gr = g + m * ldg, *ur = u + m * ldu, *dhr = dh + m * lddh;
+        float *dgr = dg + m * lddg, *dur = du + m * lddu;
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            __m256 gv = _mm256_loadu_ps(gr + n), d = _mm256_loadu_ps(dhr + n);
+            __m256 sg = sigmoid8(gv);
+            __m256 slope = _mm256_mul_ps(sg, _mm256_fmadd_ps(gv, _mm256_sub_ps(one, sg), one));
+            _mm256_storeu_ps(dgr + n, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(ur + n)), slope));
+            _mm256_storeu_ps(dur + n, _mm256_mul_ps(d, _mm256_mul_ps(gv, sg)));
+        }
+        for (; n < N; n++) {
+            float sg = sigmoid1(gr[n]);
+            dgr[n] = dhr[n] * ur[n] * sg * (1.0f + gr[n] * (1.0f - sg));
+            dur[n] = dhr[n] * gr[n] * sg;
+        }
+    }
+}
+
 /* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
  * halves x1 | x2 become x1 cos - x2 sin | x2 cos + x1 sin. Interleaved (DeepSeek's layout): the
  * pairs (x0, x1), (x2, x3), ... are x1, x2, and the result is written de-interleaved, evens then odds. */

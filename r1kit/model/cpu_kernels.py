@@ -39,6 +39,11 @@ about 0.8 ms of products and 0.5-0.6 ms of everything else; the MLA half of the 
 Attention and RMSNorm kernels called one op at a time were measured too and did not pay: a ctypes
 call costs about 4 us, and at batch 1 torch's SDPA is as fast.
 
+Two pieces serve training, not decoding: the bf16 products of precision.py on AMX (`r1_bf16_*`: y,
+dx and dW of a linear layer, and the MoE experts' grouped ones) and `swiglu`, SiLU(gate) * up in one
+pass forward and one backward (GRPO bench's tiny model, one thread: its update 0.143 -> 0.137 s; the
+25M model's and the 128-wide training step within noise).
+
 The C source is compiled with the system C compiler on first use (about a second) into
 `$R1KIT_CACHE` (default ~/.cache/r1kit), for AVX-512 where torch finds it (panels of 48 columns,
 tiles of 8 rows) and AVX2 elsewhere (24 columns, 4 rows); `R1KIT_CPU_ISA=avx2` picks the narrower
@@ -174,6 +179,10 @@ def library() -> ctypes.CDLL | None:
     lib.r1_bf16_gemm_grouped.restype = None
     lib.r1_bf16_gemm_tn_grouped.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, ptr, i32]
     lib.r1_bf16_gemm_tn_grouped.restype = None
+    lib.r1_swiglu_forward.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, i32]
+    lib.r1_swiglu_forward.restype = None
+    lib.r1_swiglu_backward.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i32]
+    lib.r1_swiglu_backward.restype = None
     f32 = ctypes.c_float
     lib.r1_dense_decode_layer.argtypes = [ptr, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                           i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, i32]
@@ -772,3 +781,66 @@ def _check(bad: int, slots: torch.Tensor, S: int) -> None:
     if bad:
         raise ValueError(f"decode slots {slots.tolist()} fall outside their rows of a cache of {S} slots "
                          f"per row: a position is past the cache's end")
+
+
+# ---------------------------------------------------------------------------- SwiGLU for training
+
+SWIGLU_MIN_ELEMENTS = 1 << 12  # below, torch's two ops cost less than a call (about 4 us)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up; `up` None: gate is a gate|up product and its two halves are the operands. On a
+    CPU in float32 (outside torch.compile, which fuses it itself) one C pass forward and one backward
+    (r1_swiglu_forward / _backward) instead of torch's silu, product and their backward ops, and a
+    gate|up product gets its gradient as one tensor (chunk's backward would copy the halves into one)."""
+    if up is None:
+        half = gate.shape[-1] // 2
+        g_, u_ = gate[..., :half], gate[..., half:]
+    else:
+        g_, u_ = gate, up
+    if (g_.numel() < SWIGLU_MIN_ELEMENTS or torch.compiler.is_compiling() or gate.device.type != "cpu"
+            or gate.dtype != torch.float32 or g_.shape != u_.shape or u_.dtype != torch.float32
+            or g_.stride(-1) != 1 or u_.stride(-1) != 1 or library() is None):
+        return torch.nn.functional.silu(g_) * u_
+    return _SwiGLU.apply(gate, up)
+
+
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, cols) with unit column stride, a view where the layout allows one."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        lib, nt = library(), torch.get_num_threads()
+        if up is None:
+            both = _row_view(gate)
+            half = both.shape[1] // 2
+            g, u = both[:, :half], both[:, half:]
+        else:
+            g, u = _row_view(gate), _row_view(up)
+        M, N = g.shape
+        h = torch.empty(M, N, dtype=torch.float32)
+        lib.r1_swiglu_forward(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), M, N, h.data_ptr(), N, nt)
+        ctx.save_for_backward(g, u)
+        ctx.shapes = (gate.shape, None if up is None else up.shape)
+        return h.view(*gate.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        lib, nt = library(), torch.get_num_threads()
+        M, N = g.shape
+        dh2 = _row_view(dh)
+        if ctx.shapes[1] is None:  # one gate|up tensor: its gradient as one
+            dgu = torch.empty(M, 2 * N, dtype=torch.float32)
+            dg, du = dgu[:, :N], dgu[:, N:]
+        else:
+            dg, du = torch.empty(M, N, dtype=torch.float32), torch.empty(M, N, dtype=torch.float32)
+        lib.r1_swiglu_backward(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), dh2.data_ptr(), dh2.stride(0),
+                               M, N, dg.data_ptr(), dg.stride(0), du.data_ptr(), du.stride(0), nt)
+        if ctx.shapes[1] is None:
+            return dgu.view(ctx.shapes[0]), None
+        return dg.view(ctx.shapes[0]), du.view(ctx.shapes[1])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import project
+from r1kit.model.cpu_kernels import project, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -36,10 +36,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None and self.fused.usable():
-            gate, up = self.fused(x).chunk(2, dim=-1)
+            h = swiglu(self.fused(x))  # the halves of one gate|up product
         else:
-            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
-        return project(self.down_proj, F.silu(gate) * up)
+            h = swiglu(project(self.gate_proj, x), project(self.up_proj, x))
+        return project(self.down_proj, h)
 
 
 # ---------------------------------------------------------------------------- rotary embeddings

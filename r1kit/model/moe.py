@@ -27,6 +27,7 @@ from torch import nn
 
 from r1kit.model import precision
 from r1kit.model.config import ModelConfig
+from r1kit.model.cpu_kernels import swiglu
 from r1kit.model.layers import MLP
 
 # One grouped GEMM over all experts: F.grouped_mm (CPU kernels since torch 2.10, CUDA SM80+). Older
@@ -84,8 +85,7 @@ def _grouped_swiglu(xs, gate_up_proj, down_proj, counts):
     # eager: autograd through grouped_mm; compiled: our op (grouped_mm has no float32 fake kernel), and
     # inductor fuses the SiLU * up between the two products like any other elementwise code
     linear = grouped_linear if torch.compiler.is_compiling() else _grouped_linear
-    gate, up = linear(xs, gate_up_proj, offsets).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, down_proj, offsets)
+    return linear(swiglu(linear(xs, gate_up_proj, offsets)), down_proj, offsets)
 
 
 def _grouped_linear(x, weight, offsets):
@@ -186,8 +186,7 @@ class Experts(nn.Module):
             xs, gate_up, down = xs.to(low), gate_up.to(low), down.to(low)
         if precision.grouped_active(xs, gate_up):  # bf16 products on AMX (precision.bf16_matmuls)
             offsets = F.pad(counts.cumsum(0), (1, 0))
-            gate, up = precision.grouped_linear(xs, gate_up, offsets).chunk(2, dim=-1)
-            ys = precision.grouped_linear(F.silu(gate) * up, down, offsets)
+            ys = precision.grouped_linear(swiglu(precision.grouped_linear(xs, gate_up, offsets)), down, offsets)
         elif self._can_group(xs):
             ys = _grouped_swiglu(xs, gate_up, down, counts)
         else:
@@ -204,9 +203,9 @@ class Experts(nn.Module):
         n_tokens, k = gates.shape
         xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (P, 1, H): a row per pair
         gate_up = torch.index_select(self.gate_up_proj, 0, flat)  # (P, 2I, H)
-        gate, up = torch.bmm(xs, gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        h = swiglu(torch.bmm(xs, gate_up.transpose(1, 2)))
         down = torch.index_select(self.down_proj, 0, flat)  # (P, H, I)
-        ys = torch.bmm(F.silu(gate) * up, down.transpose(1, 2)).squeeze(1)  # (P, H)
+        ys = torch.bmm(h, down.transpose(1, 2)).squeeze(1)  # (P, H)
         return (ys.view(n_tokens, k, -1) * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
     def _can_group(self, xs: torch.Tensor) -> bool:
@@ -226,8 +225,7 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             seg = xs[start:start + count]
-            gate, up = F.linear(seg, gate_up[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, down[e]))
+            outs.append(F.linear(swiglu(F.linear(seg, gate_up[e])), down[e]))
             start += count
         return torch.cat(outs) if outs else xs[:0]
 
