@@ -631,3 +631,28 @@ def test_swiglu_small_or_other_dtypes_stay_torch(monkeypatch):
     cpu_kernels.swiglu(torch.randn(2, 8))  # too small to pay for a call
     cpu_kernels.swiglu(torch.randn(64, 512, dtype=torch.bfloat16))
     assert calls == []
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("width,strided", [(256, False), (83, False), (64, True)])
+def test_rms_norm_equals_torch_forward_and_backward(width, strided, threads):
+    """One C pass each way, as F.rms_norm: a tail past whole vectors, a strided input (MLA's c_kv, a
+    slice of its kv_a product), and the weight's gradient summed over two threads' rows."""
+    torch.manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        base = (torch.randn(5, 41, width + 16 if strided else width) * 3).requires_grad_()
+        w = torch.randn(width, requires_grad=True)
+        base2, w2 = base.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = cpu_kernels.rms_norm(base[..., :width], w, 1e-6)
+        ref = F.rms_norm(base2[..., :width], (width,), w2, 1e-6)
+        dy = torch.randn_like(ref)
+        y.backward(dy)
+        ref.backward(dy)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.grad, base2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-4)

@@ -633,6 +633,75 @@ void r1_swiglu_backward(const float *g, int64_t ldg, const float *u, int64_t ldu
     }
 }
 
+/* Training's RMSNorm (cpu_kernels.rms_norm): y = x r w with r = 1 / sqrt(mean(x^2) + eps) per row, as
+ * F.rms_norm; r is kept for the backward. One pass where torch's CPU rms_norm makes five. */
+void r1_rms_norm_forward(const float *x, int64_t ldx, int64_t M, int64_t N, const float *w, float eps, float *y,
+                         int64_t ldy, float *rstd, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * ldx;
+        float *yr = y + m * ldy;
+        __m256 a = _mm256_setzero_ps();
+        int64_t n = 0;
+        for (; n + 8 <= N; n += 8) {
+            __m256 t = _mm256_loadu_ps(xr + n);
+            a = _mm256_fmadd_ps(t, t, a);
+        }
+        float ss = hsum(a);
+        for (; n < N; n++)
+            ss += xr[n] * xr[n];
+        float r = 1.0f / sqrtf(ss / (float)N + eps);
+        rstd[m] = r;
+        __m256 rv = _mm256_set1_ps(r);
+        for (n = 0; n + 8 <= N; n += 8)
+            _mm256_storeu_ps(yr + n, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + n), rv), _mm256_loadu_ps(w + n)));
+        for (; n < N; n++)
+            yr[n] = xr[n] * r * w[n];
+    }
+}
+
+/* Its gradient: with xh = x r, dx = r (w dy - xh mean(xh w dy)) per row, and dw = the sum over rows
+ * of dy xh (written, not accumulated; each thread sums its rows, then the threads' sums are added). */
+void r1_rms_norm_backward(const float *x, int64_t ldx, const float *dy, int64_t lddy, int64_t M, int64_t N,
+                          const float *w, const float *rstd, float *dx, int64_t lddx, float *dw, int nt) {
+    memset(dw, 0, (size_t)N * sizeof(float));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *part = calloc((size_t)N, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * ldx, *dr = dy + m * lddy;
+            float *dxr = dx + m * lddx, r = rstd[m];
+            __m256 rv = _mm256_set1_ps(r), a = _mm256_setzero_ps();
+            int64_t n = 0;
+            for (; n + 8 <= N; n += 8) {
+                __m256 xh = _mm256_mul_ps(_mm256_loadu_ps(xr + n), rv), d = _mm256_loadu_ps(dr + n);
+                a = _mm256_fmadd_ps(_mm256_mul_ps(xh, _mm256_loadu_ps(w + n)), d, a);
+                _mm256_storeu_ps(part + n, _mm256_fmadd_ps(d, xh, _mm256_loadu_ps(part + n)));
+            }
+            float dot_ = hsum(a);
+            for (; n < N; n++) {
+                float xh = xr[n] * r;
+                dot_ += xh * w[n] * dr[n];
+                part[n] += dr[n] * xh;
+            }
+            float c = dot_ / (float)N;
+            __m256 cv = _mm256_set1_ps(c);
+            for (n = 0; n + 8 <= N; n += 8) {
+                __m256 xh = _mm256_mul_ps(_mm256_loadu_ps(xr + n), rv);
+                __m256 g = _mm256_fmsub_ps(_mm256_loadu_ps(w + n), _mm256_loadu_ps(dr + n), _mm256_mul_ps(xh, cv));
+                _mm256_storeu_ps(dxr + n, _mm256_mul_ps(g, rv));
+            }
+            for (; n < N; n++)
+                dxr[n] = r * (w[n] * dr[n] - xr[n] * r * c);
+        }
+#pragma omp critical
+        for (int64_t n = 0; n < N; n++)
+            dw[n] += part[n];
+        free(part);
+    }
+}
+
 /* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
  * halves x1 | x2 become x1 cos - x2 sin | x2 cos + x1 sin. Interleaved (DeepSeek's layout): the
  * pairs (x0, x1), (x2, x3), ... are x1, x2, and the result is written de-interleaved, evens then odds. */

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import project, swiglu
+from r1kit.model.cpu_kernels import project, rms_norm, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -18,8 +18,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # one fused kernel (a decode step has 2L+1 norms)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype == self.weight.dtype == torch.float32:  # one C pass on a CPU (cpu_kernels.rms_norm)
+            return rms_norm(x, self.weight, self.eps)
         # low precision: normalise in fp32, round to the input's dtype, then scale (as HF does)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
