@@ -656,3 +656,25 @@ def test_rms_norm_equals_torch_forward_and_backward(width, strided, threads):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(base.grad, base2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("interleave", [False, True])
+def test_rope_equals_torch_forward_and_backward(interleave, monkeypatch):
+    """layers.Rotary.apply in one C pass each way, on a strided view (a slice of each head, as MLA's
+    rope part of q), both layouts (DeepSeek's interleaved pairs)."""
+    from r1kit.model.layers import Rotary
+
+    torch.manual_seed(0)
+    rot = Rotary(ModelConfig.preset("tiny"), 16, interleave)
+    cos, sin = rot.cos_sin(torch.arange(30).unsqueeze(0).expand(4, 30), torch.float32)
+    base = torch.randn(4, 30, 6, 40, requires_grad=True)
+    base2 = base.detach().clone().requires_grad_()
+    y = rot.apply(base[..., 8:24], cos, sin)
+    monkeypatch.setattr(cpu_kernels, "ROPE_MIN_ELEMENTS", 1 << 62)  # torch's ops
+    ref = rot.apply(base2[..., 8:24], cos, sin)
+    dy = torch.randn_like(ref)
+    y.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(base.grad, base2.grad, rtol=1e-6, atol=1e-6)

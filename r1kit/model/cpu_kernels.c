@@ -702,6 +702,43 @@ void r1_rms_norm_backward(const float *x, int64_t ldx, const float *dy, int64_t 
     }
 }
 
+/* Training's rotary embedding (cpu_kernels.rope, layers.Rotary.apply): R rows of H heads of D numbers
+ * (head h of row r at x + r ldr + h ldh), each row's D / 2 angles' cos and sin at cos + r ldc, sin + r ldc,
+ * shared by its heads. y (R x H x D, contiguous) holds x1 cos - x2 sin | x2 cos + x1 sin, where x1, x2
+ * are the halves of a head (interleave 0) or its even and odd numbers (DeepSeek's layout). backward = 1:
+ * the gradient instead (x is dy, contiguous; the rotation by -angle, written back to x's layout). */
+void r1_rope(const float *x, int64_t R, int64_t H, int64_t D, int64_t ldr, int64_t ldh, const float *cos,
+             const float *sin, int64_t ldc, int interleave, int backward, float *y, int nt) {
+    int64_t half = D / 2;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        const float *c = cos + r * ldc, *s = sin + r * ldc;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xr = x + r * ldr + h * ldh;
+            float *yr = y + (r * H + h) * D;
+            if (!backward) {
+                for (int64_t i = 0; i < half; i++) {
+                    float x1 = interleave ? xr[2 * i] : xr[i], x2 = interleave ? xr[2 * i + 1] : xr[i + half];
+                    yr[i] = x1 * c[i] - x2 * s[i];
+                    yr[i + half] = x2 * c[i] + x1 * s[i];
+                }
+            } else { /* xr: dy (halves), yr: dx in x's layout */
+                for (int64_t i = 0; i < half; i++) {
+                    float d1 = xr[i], d2 = xr[i + half];
+                    float g1 = d1 * c[i] + d2 * s[i], g2 = d2 * c[i] - d1 * s[i];
+                    if (interleave) {
+                        yr[2 * i] = g1;
+                        yr[2 * i + 1] = g2;
+                    } else {
+                        yr[i] = g1;
+                        yr[i + half] = g2;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
  * halves x1 | x2 become x1 cos - x2 sin | x2 cos + x1 sin. Interleaved (DeepSeek's layout): the
  * pairs (x0, x1), (x2, x3), ... are x1, x2, and the result is written de-interleaved, evens then odds. */

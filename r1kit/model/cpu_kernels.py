@@ -190,6 +190,8 @@ def library() -> ctypes.CDLL | None:
     lib.r1_rms_norm_forward.restype = None
     lib.r1_rms_norm_backward.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
     lib.r1_rms_norm_backward.restype = None
+    lib.r1_rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32, i32, ptr, i32]
+    lib.r1_rope.restype = None
     lib.r1_dense_decode_layer.argtypes = [ptr, i64, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, i64,
                                           i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, i32]
     lib.r1_dense_decode_layer.restype = i32
@@ -892,3 +894,52 @@ class _RMSNorm(torch.autograd.Function):
         library().r1_rms_norm_backward(x2.data_ptr(), x2.stride(0), dy2.data_ptr(), dy2.stride(0), M, N, w.data_ptr(),
                                        rstd.data_ptr(), dx.data_ptr(), N, dw.data_ptr(), torch.get_num_threads())
         return dx.view(ctx.x_shape), dw, None
+
+
+# ---------------------------------------------------------------------------- rotary embedding for training
+
+ROPE_MIN_ELEMENTS = 1 << 10  # below, torch's few small ops cost no more than a call
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor | None:
+    """layers.Rotary.apply in one C pass each way (r1_rope), for float32 on a CPU where x is (B, T, H, D)
+    and cos, sin (B, T, 1, D / 2); None where it does not apply (the caller runs torch's ops), e.g. under
+    torch.compile, which fuses them itself. torch's version: four products, two sums and a cat forward,
+    as many backward."""
+    if (x.numel() < ROPE_MIN_ELEMENTS or torch.compiler.is_compiling() or x.device.type != "cpu"
+            or x.dtype != torch.float32 or cos.dtype != torch.float32 or x.dim() != 4 or cos.dim() != 4
+            or cos.shape[:2] != x.shape[:2] or cos.shape[2] != 1 or x.stride(-1) != 1 or library() is None):
+        return None
+    return _Rope.apply(x, cos, sin, interleave)
+
+
+def _rows3(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) as (B * T, H, D) with unit stride along D: a view where the layout allows one."""
+    t3 = t.reshape(-1, *t.shape[2:])
+    return t3 if t3.stride(-1) == 1 else t3.contiguous()
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleave):
+        x3 = _rows3(x)
+        c, s = _row_view(cos), _row_view(sin)
+        if c.stride(0) != s.stride(0):
+            c, s = c.contiguous(), s.contiguous()
+        R, H, D = x3.shape
+        y = torch.empty(R, H, D, dtype=torch.float32)
+        library().r1_rope(x3.data_ptr(), R, H, D, x3.stride(0), x3.stride(1), c.data_ptr(), s.data_ptr(), c.stride(0),
+                          int(interleave), 0, y.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(c, s)
+        ctx.interleave, ctx.x_shape = interleave, x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        c, s = ctx.saved_tensors
+        d3 = _rows3(dy).contiguous()
+        R, H, D = d3.shape
+        dx = torch.empty(R, H, D, dtype=torch.float32)
+        library().r1_rope(d3.data_ptr(), R, H, D, H * D, D, c.data_ptr(), s.data_ptr(), c.stride(0),
+                          int(ctx.interleave), 1, dx.data_ptr(), torch.get_num_threads())
+        return dx.view(ctx.x_shape), None, None, None

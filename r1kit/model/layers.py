@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import project, rms_norm, swiglu
+from r1kit.model.cpu_kernels import project, rms_norm, rope, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -138,6 +138,9 @@ class Rotary(nn.Module):
         return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        fast = rope(x, cos, sin, self.interleave)  # one C pass each way on a CPU in float32
+        if fast is not None:
+            return fast
         if self.interleave:
             # DeepSeek's layout: pairs (x0, x1), (x2, x3), ... each rotated by one frequency. The
             # result is written de-interleaved (evens then odds); q and k get the same layout, so
