@@ -39,8 +39,10 @@ about 0.8 ms of products and 0.5-0.6 ms of everything else; the MLA half of the 
 Attention and RMSNorm kernels called one op at a time were measured too and did not pay: a ctypes
 call costs about 4 us, and at batch 1 torch's SDPA is as fast.
 
-Three pieces serve training (and any float32 forward on a CPU), not only decoding: the bf16 products of
+Other pieces serve training (and any float32 forward on a CPU), not only decoding: the bf16 products of
 precision.py on AMX (`r1_bf16_*`: y, dx and dW of a linear layer, and the MoE experts' grouped ones);
+`rope`, the rotary embedding in one pass each way (GRPO bench's tiny model: step 0.251 -> 0.236 s;
+the 128-wide training step 1.05x DeepSeek-V3, 1.06x Qwen2);
 `swiglu`, SiLU(gate) * up in one pass forward and one backward (GRPO bench's tiny model, one thread:
 its update 0.143 -> 0.137 s; the 25M model's and the 128-wide training step within noise); and
 `rms_norm`, one pass each way where torch's CPU rms_norm runs five ops forward (GRPO bench's tiny model:
