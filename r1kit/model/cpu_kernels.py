@@ -36,8 +36,9 @@ Why: at the sizes r1kit trains here a batched decode step spent as long in torch
 many small ops per layer as in its products (one layer of the GRPO bench's tiny Qwen2 at 32 rows:
 about 0.8 ms of products and 0.5-0.6 ms of everything else; the MLA half of the tiny V3 at 64 rows:
 1.5 ms for about 0.2 ms of arithmetic). Same values as the torch code (tests/test_cpu_kernels.py).
-Attention and RMSNorm kernels called one op at a time were measured too and did not pay: a ctypes
-call costs about 4 us, and at batch 1 torch's SDPA is as fast.
+For decoding, attention and RMSNorm kernels called one op at a time were measured too and did not
+pay: a ctypes call costs about 4 us, and at batch 1 torch's SDPA is as fast (training's tensors are
+larger: below).
 
 Other pieces serve training (and any float32 forward on a CPU), not only decoding: the bf16 products of
 precision.py on AMX (`r1_bf16_*`: y, dx and dW of a linear layer, and the MoE experts' grouped ones);
