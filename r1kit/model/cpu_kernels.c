@@ -113,7 +113,9 @@ static inline void store_tile(const float *t, float *y, int64_t ldy, int64_t m0,
 /* A's layout for amx_tiles: bf16 tiles of 16 rows x 32 columns, each 1 KB contiguous, a row of tiles
  * (16 rows x Kp) after another; element [m][k] at ((m / 16) * Kp / 32 + k / 32) * 512 + m % 16 * 32 + k % 32.
  * A tile then loads from one contiguous kilobyte (rows 64 bytes apart), not from 16 scattered rows. */
-static inline int64_t a_index(int64_t m, int64_t k, int64_t Kp) { return (m / 16 * (Kp / 32) + k / 32) * 512 + m % 16 * 32 + k % 32; }
+static inline int64_t a_index(int64_t m, int64_t k, int64_t Kp) {
+    return (m / 16 * (Kp / 32) + k / 32) * 512 + m % 16 * 32 + k % 32;
+}
 
 /* x (M x K, rows ldx apart) in A's layout, Kp (a multiple of 32) wide, zero past row M (to M16) and column K. */
 static void rows_to_bf16(const float *x, int64_t M, int64_t K, int64_t ldx, uint16_t *out, int64_t Kp, int64_t M16) {

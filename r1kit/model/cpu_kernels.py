@@ -796,6 +796,13 @@ def _check(bad: int, slots: torch.Tensor, S: int) -> None:
 
 # ---------------------------------------------------------------------------- SwiGLU for training
 
+
+def _plain(*tensors) -> bool:
+    """Plain tensors (or None): the C kernels read their memory, which a tensor subclass (a DTensor
+    shard under FSDP or tensor parallelism) does not hold whole."""
+    return all(t is None or type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+
+
 SWIGLU_MIN_ELEMENTS = 1 << 12  # below, torch's two ops cost less than a call (about 4 us)
 
 
@@ -809,9 +816,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
         g_, u_ = gate[..., :half], gate[..., half:]
     else:
         g_, u_ = gate, up
-    if (g_.numel() < SWIGLU_MIN_ELEMENTS or torch.compiler.is_compiling() or gate.device.type != "cpu"
-            or gate.dtype != torch.float32 or g_.shape != u_.shape or u_.dtype != torch.float32
-            or g_.stride(-1) != 1 or u_.stride(-1) != 1 or library() is None):
+    if (g_.numel() < SWIGLU_MIN_ELEMENTS or not _plain(gate, up) or torch.compiler.is_compiling()
+            or gate.device.type != "cpu" or gate.dtype != torch.float32 or u_.dtype != torch.float32
+            or g_.shape != u_.shape or g_.stride(-1) != 1 or u_.stride(-1) != 1 or library() is None):
         return torch.nn.functional.silu(g_) * u_
     return _SwiGLU.apply(gate, up)
 
@@ -866,9 +873,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm(x, (N,), weight, eps) for float32 on a CPU in one C pass (r1_rms_norm_forward) and one
     backward (r1_rms_norm_backward): torch's CPU rms_norm runs as five ops, its backward as more. Elsewhere
     (other dtypes, devices, torch.compile, tiny inputs) F.rms_norm itself."""
-    if (x.numel() < RMS_NORM_MIN_ELEMENTS or torch.compiler.is_compiling() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.device.type != "cpu"
-            or x.stride(-1) != 1 or library() is None):
+    if (x.numel() < RMS_NORM_MIN_ELEMENTS or not _plain(x, weight) or torch.compiler.is_compiling()
+            or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or x.stride(-1) != 1 or library() is None):
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return _RMSNorm.apply(x, weight, eps)
 
@@ -909,9 +916,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
     and cos, sin (B, T, 1, D / 2); None where it does not apply (the caller runs torch's ops), e.g. under
     torch.compile, which fuses them itself. torch's version: four products, two sums and a cat forward,
     as many backward."""
-    if (x.numel() < ROPE_MIN_ELEMENTS or torch.compiler.is_compiling() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or cos.dtype != torch.float32 or x.dim() != 4 or cos.dim() != 4
-            or cos.shape[:2] != x.shape[:2] or cos.shape[2] != 1 or x.stride(-1) != 1 or library() is None):
+    if (x.numel() < ROPE_MIN_ELEMENTS or not _plain(x, cos, sin) or torch.compiler.is_compiling()
+            or x.device.type != "cpu" or x.dtype != torch.float32 or cos.dtype != torch.float32
+            or x.dim() != 4 or cos.dim() != 4 or cos.shape[:2] != x.shape[:2] or cos.shape[2] != 1 or x.stride(-1) != 1 or library() is None):
         return None
     return _Rope.apply(x, cos, sin, interleave)
 
