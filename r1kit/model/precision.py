@@ -212,11 +212,10 @@ def _packs(weight: torch.Tensor, key=None) -> _Packs:
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as (rows, cols) with unit column stride and rows at least cols apart (what the kernels read)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.stride(-1) != 1 or t2.stride(0) < t2.shape[1]:
-        t2 = t2.contiguous()
-    return t2
+    """t as (rows, cols) with unit column stride, what the kernels read (cpu_kernels._row_view)."""
+    from r1kit.model.cpu_kernels import _row_view  # it imports this module
+
+    return _row_view(t)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, key=None):
