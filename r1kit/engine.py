@@ -103,13 +103,22 @@ def _column(value, batch: int, device, dtype) -> torch.Tensor | float:
     return value.to(device=device, dtype=dtype).view(batch, 1) if torch.is_tensor(value) else value
 
 
-def _exponential_noise(shape, generator, device) -> torch.Tensor:
-    """Exp(1) noise. -log(U) with U in [0, 1): U == 0 gives +inf, which only ever *excludes* a token,
-    where torch's exponential_ can return exactly 0 and pick a token of probability ~0."""
+def _draw(weights: torch.Tensor, generator, device) -> torch.Tensor:
+    """One column per row of `weights` (B, V; non-negative, not normalised), drawn with probability
+    proportional to its weight: the first column whose running sum exceeds a uniform draw times the
+    row's total (the inverse CDF, as torch.multinomial draws, without its per-call cost). One random
+    number per row, where Gumbel-max needs one per token: torch's CPU generator makes those at about
+    4 ns each, most of a step's sampling at a 150k vocabulary. A column of weight 0 is never drawn
+    (its running sum equals the one before it)."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
     if isinstance(generator, (list, tuple)):  # one generator per row (seeded server requests)
-        rows = [torch.rand(shape[1:], generator=g, device=device) for g in generator]
-        return torch.stack(rows).log_().neg_()
-    return torch.rand(shape, generator=generator, device=device).log_().neg_()
+        u = torch.cat([torch.rand(1, generator=g, device=device) for g in generator]).view(-1, 1)
+    else:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=device)
+    # u * total < total, kept so under rounding: some column's running sum exceeds it
+    u = torch.minimum(u.mul_(total), torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 @torch.inference_mode()
@@ -118,8 +127,8 @@ def sample(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
 
     Order and meaning follow transformers' warpers: divide by temperature, keep the top_k logits,
     keep the smallest set of tokens whose probability reaches top_p, drop tokens whose probability is
-    below min_p times the most likely one's; then sample from what is left (Gumbel-max with
-    exponential noise, which draws exactly from the renormalised probabilities). Temperature 0 is
+    below min_p times the most likely one's; then draw from what is left in proportion to the
+    probabilities (`_draw`, one uniform number per row). Temperature 0 is
     greedy. Returns (tokens (B,) long, logprobs (B,) float32) where logprobs are log_softmax(logits/T)
     of the chosen tokens before any filtering (T = 1 for greedy rows), what GRPO trains against.
     """
@@ -135,7 +144,7 @@ def sample(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     if greedy_rows is not None:
         t = torch.where(greedy_rows, torch.ones_like(t), t)
     scaled = logits / t if (torch.is_tensor(t) or t != 1.0) else logits
-    log_norm = scaled.logsumexp(dim=-1, keepdim=True)
+    logp = scaled.log_softmax(dim=-1)  # one fused kernel (logsumexp is several)
 
     k = _column(top_k, B, dev, torch.long)
     p = _column(top_p, B, dev, torch.float32)
@@ -158,17 +167,16 @@ def sample(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
             probs = probs.masked_fill(drop, 0.0)
         if use_mp:
             probs = probs.masked_fill(probs < mp * probs[:, :1], 0.0)
-        pick = (probs / _exponential_noise(probs.shape, generator, dev)).argmax(dim=-1)
+        pick = _draw(probs, generator, dev)
         tokens = order.gather(1, pick[:, None]).squeeze(1)
     else:
-        probs = (scaled - log_norm).exp()
+        probs = logp.exp()
         if use_mp:
             probs = probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
-        tokens = (probs / _exponential_noise(probs.shape, generator, dev)).argmax(dim=-1)
+        tokens = _draw(probs, generator, dev)
     if greedy_rows is not None and bool(greedy_rows.any()):
         tokens = torch.where(greedy_rows.squeeze(1), logits.argmax(dim=-1), tokens)
-    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - log_norm.squeeze(1)
-    return tokens, logprobs
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
 # ---------------------------------------------------------------------------- text and stop strings

@@ -414,8 +414,9 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(tok):
     assert first["sampling_rounds"] >= 2  # ... were dropped and more prompts were sampled
     assert first["frac_reward_zero_std_trained"] == 0.0  # the batch trained on is all signal
     # a batch where no group has signal: reported, refilled up to the limit, and the step still runs
-    result = train_grpo(quick_config(loss_type="dapo", max_sampling_rounds=3), dense_model(tok), tok, toy_samples(),
-                        lambda t, s: 0.5)
+    # (no overlong penalty: completions that run long would differ in reward by their length)
+    result = train_grpo(quick_config(loss_type="dapo", max_sampling_rounds=3, overlong_buffer=0), dense_model(tok),
+                        tok, toy_samples(), lambda t, s: 0.5)
     assert [h["frac_reward_zero_std"] for h in result.history] == [1.0, 1.0]
     assert [h["sampling_rounds"] for h in result.history] == [3, 3]
     assert result.skipped_steps == 0
