@@ -508,7 +508,11 @@ class _Batch:
         self.first_index = first_index
         self.prompt_len = [len(p) for p in prompts for _ in range(n)]
         self.stop_ids = engine._stop_ids(params)
-        self.stop_ids_t = torch.tensor(self.stop_ids, device=dev, dtype=torch.long)
+        self.stop_set = frozenset(self.stop_ids)
+        # sampling by temperature alone (what cpu_kernels.decode_step can draw)
+        self.plain = (not torch.is_tensor(params.temperature) and params.temperature >= 0 and not params.top_k
+                      and params.top_p >= 1 and not params.min_p
+                      and isinstance(generator, (torch.Generator, type(None))))
         self.tokens: list[list[int]] = [[] for _ in range(B)]
         self.logprobs: list[list[float]] = [[] for _ in range(B)]
         self.finish: list[str | None] = [None] * B
@@ -550,18 +554,32 @@ class _Batch:
             logits = self.engine.compiled_step(ids, positions, self.cache)
         else:
             kv_len = self.longest + self.steps  # slots 0..position of the furthest row
-            logits = self.engine.model(ids, positions=positions, cache=self.cache, kv_len=kv_len)
+            model = self.engine.model
+            # on a CPU, with temperature alone: the model's step and the draw in one C call, as `sample`
+            # draws (model forward hooks would be skipped: then the model runs as a module)
+            plain = self.plain and not (model._forward_hooks or model._forward_pre_hooks)
+            picked = (cpu_kernels.decode_step(model, ids, positions, self.cache, kv_len, self.params.temperature,
+                                              self.generator) if plain else None)
+            if picked is not None:
+                self.position = self.position + 1
+                self._record(*picked)
+                return
+            logits = model(ids, positions=positions, cache=self.cache, kv_len=kv_len)
         self.position = self.position + 1
         self._take(logits[:, -1])
 
     def _take(self, logits: torch.Tensor) -> None:
-        """Sample the next token of every batch row, record it for live samples, retire finished ones."""
+        """Sample the next token of every batch row, then `_record` it."""
         p = self.params
-        tok, lp = sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, self.generator)
+        self._record(*sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, self.generator))
+
+    def _record(self, tok: torch.Tensor, lp: torch.Tensor) -> None:
+        """Record each batch row's next token for live samples, retire finished ones."""
+        p = self.params
         self.next_input = tok
         # one host transfer per step for the whole batch
         tok_l, lp_l = tok.tolist(), lp.tolist()
-        stop_l = torch.isin(tok, self.stop_ids_t).tolist() if self.stop_ids else None
+        stops = self.stop_set
         self.steps += 1
         at_length = self.steps >= p.max_tokens
         for i, row in enumerate(self.rows):
@@ -570,7 +588,7 @@ class _Batch:
             t = tok_l[i]
             self.tokens[row].append(t)
             self.logprobs[row].append(lp_l[i])
-            is_stop = stop_l is not None and stop_l[i]
+            is_stop = t in stops
             reason = "stop" if is_stop else None
             if self.trackers is not None and self.trackers[row].add(t, final_token=is_stop):
                 reason = "stop"

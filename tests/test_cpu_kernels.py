@@ -445,16 +445,17 @@ def test_decode_stack_equals_the_torch_blocks_and_follows_changes(family, rows, 
             gate.e_score_correction_bias.normal_(0, 0.3)
     Engine(model)
     lib, calls = cpu_kernels.library(), []
-    name = "r1_mla_decode_stack" if model.config.is_mla else "r1_dense_decode_stack"
+    kind = "mla" if model.config.is_mla else "dense"
+    layers_arg = {f"r1_{kind}_decode_stack": 3, f"r1_{kind}_decode_step": 1}  # the stack alone, or the whole step
 
     class Spy:
         def __getattr__(self, attr):
             fn = getattr(lib, attr)
-            if attr != name:
+            if attr not in layers_arg:
                 return fn
 
             def stack(*args):
-                calls.append(args[3])  # layers in the call
+                calls.append(args[layers_arg[attr]])  # layers in the call
                 return fn(*args)
             return stack
 
@@ -483,10 +484,59 @@ def test_decode_stack_equals_the_torch_blocks_and_follows_changes(family, rows, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("family", ["qwen2", "llama_untied", "deepseek"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_decode_step_draws_as_the_sampler_does(family, temperature):
+    """cpu_kernels.decode_step with a temperature: embedding, blocks, head and the draw in one C call.
+    Its tokens and log-probabilities equal engine.sample's on the model's logits with the generator in
+    the same state (one uniform number per row), greedy too, and the cache writes equal the model's."""
+    from r1kit.engine import sample
+
+    model_type, kw = FAMILIES[family]
+    model = _random_model(model_type, **kw)
+    Engine(model)
+    B, S = 16, 24
+    positions = torch.randint(0, S, (B, 1))
+    ids = torch.randint(0, model.config.vocab_size, (B, 1))
+    caches = [model.new_cache(B, S) for _ in range(2)]
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
+            x.normal_()
+            y.copy_(x)
+    kv_len = int(positions.max()) + 1
+    with torch.inference_mode():
+        logits = model(ids, positions=positions, cache=caches[0], kv_len=kv_len)[:, -1]
+        ref = sample(logits, temperature, generator=torch.Generator().manual_seed(3))
+        ours = cpu_kernels.decode_step(model, ids, positions, caches[1], kv_len, temperature,
+                                       torch.Generator().manual_seed(3))
+    assert ours is not None
+    assert torch.equal(ours[0], ref[0])
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
+            torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+@needs_kernels
+def test_decode_step_names_bad_ids_and_positions():
+    """A token id outside the vocabulary, a position outside the cache: a clear error, nothing run."""
+    model = _random_model("qwen2")
+    Engine(model)
+    cache = model.new_cache(2, 8)
+    with torch.inference_mode():
+        with pytest.raises(IndexError, match="outside the vocabulary of 300"):
+            cpu_kernels.decode_step(model, torch.tensor([[1], [300]]), torch.tensor([[0], [1]]), cache, 2)
+        with pytest.raises(ValueError, match="outside the cache"):
+            cpu_kernels.decode_step(model, torch.tensor([[1], [2]]), torch.tensor([[0], [8]]), cache, 8)
+
+
+@needs_kernels
 @pytest.mark.parametrize("family", ["qwen2", "llama_o_bias", "deepseek"])
 def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, monkeypatch):
-    """The engine decodes through the C blocks; tokens and log-probabilities equal the torch path's,
-    before and after an optimizer step (GRPO's loop)."""
+    """The engine decodes through the C blocks, each step (embedding to the chosen token) in one C
+    call; greedy tokens and log-probabilities equal the torch path's, before and after an optimizer
+    step (GRPO's loop). (Drawn tokens: test_decode_step_draws_as_the_sampler_does. Across the two
+    paths, whose logits differ by ~1e-5, a draw near a boundary of the cumulative sum can flip.)"""
     model_type, kw = FAMILIES[family]
     model = _random_model(model_type, **kw)
     engine = Engine(model, max_batch_size=8)
@@ -496,7 +546,7 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
     class Spy:
         def __getattr__(self, name):
             fn = getattr(lib, name)
-            if name not in ("r1_dense_decode_stack", "r1_mla_decode_stack"):
+            if name not in ("r1_dense_decode_step", "r1_mla_decode_step"):
                 return fn
 
             def layer(*args):
@@ -515,9 +565,9 @@ def test_decoding_with_fused_blocks_agrees_and_follows_optimizer_steps(family, m
         monkeypatch.setattr(cpu_kernels, "_LIB", Spy())
         calls.clear()
         ours = engine.generate([[1, 2, 3], [4, 5]], params)
-        assert calls and set(calls) <= {6, 3, 2}  # every decode step of every layer, on the live rows
-        # every block in one call per step (cpu_kernels.DenseStack, MLAStack)
-        assert names == ({"r1_mla_decode_stack"} if family == "deepseek" else {"r1_dense_decode_stack"})
+        assert calls and set(calls) == {model.config.num_hidden_layers}  # every layer, every decode step
+        # every step in one call (cpu_kernels.decode_step around DenseStack, MLAStack)
+        assert names == ({"r1_mla_decode_step"} if family == "deepseek" else {"r1_dense_decode_step"})
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
         ref = engine.generate([[1, 2, 3], [4, 5]], params)
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", True)

@@ -31,6 +31,11 @@ plan (DenseStack, MLAStack) that keeps each layer's packed weights and pointers 
 at every step that nothing changed. The per-block path spent about 0.2 ms of Python per layer (more
 with the MoE's routing) finding and checking its weights: at batch 1-16 more than the tiny models'
 layers compute. `R1KIT_DECODE_STACK=0` turns the one-call path off (each block its own call).
+`decode_step` puts the rest of a step into that call: the embedding rows, the rotary rows and cache
+slots, the final norm, the float32 head, and (the engine's steps that sample by temperature alone)
+the draw itself. A step's blocks stream the weights through the core's caches, so the dozen torch
+ops and the Python around them ran cold, at two to four times their warm cost: generation of the
+GRPO bench's tiny model 55 -> 43 ms per call (32 rows, about 37 steps, one thread).
 
 Why: at the sizes r1kit trains here a batched decode step spent as long in torch's dispatch of its
 many small ops per layer as in its products (one layer of the GRPO bench's tiny Qwen2 at 32 rows:
@@ -210,6 +215,10 @@ def library() -> ctypes.CDLL | None:
     lib.r1_mla_decode_attention.restype = i32
     lib.r1_moe_block.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i32]
     lib.r1_moe_block.restype = None
+    lib.r1_dense_decode_step.argtypes = [ptr, i64, ptr, f32, i64, i64, i64, i64, i64, f32, i32]
+    lib.r1_dense_decode_step.restype = i32
+    lib.r1_mla_decode_step.argtypes = [ptr, i64, ptr, ptr, f32, f32, f32, i64, i32]
+    lib.r1_mla_decode_step.restype = i32
     _LIB = lib
     return lib
 
@@ -488,6 +497,7 @@ class _Stack:
         self.dims = dims
         self.cache_key = None
         self.lock = threading.Lock()  # run() points `ptrs` at its cache: one step at a time per model
+        self._io, self._io_table, self._scratch = None, None, {}  # decode_step's
 
     def __deepcopy__(self, memo):
         """A copied model (GRPO's reference model is a deepcopy) leaves the plan behind: it points at
@@ -506,6 +516,32 @@ class _Stack:
     @staticmethod
     def _link(parent: nn.Module, *names: str) -> list:
         return [(parent._modules, name, parent._modules.get(name)) for name in names]
+
+    @staticmethod
+    def _ends(model) -> tuple[list, list]:
+        """Links and tensors of the embedding, final norm and output head, which decode_step reads."""
+        links = _Stack._link(model.model, "embed_tokens", "norm") + _Stack._link(model, "lm_head")
+        modules = (model.model.embed_tokens, model.model.norm, model.lm_head)
+        return links, [w for w in (getattr(m, "weight", None) for m in modules) if torch.is_tensor(w)]
+
+    def step_io(self, model, S: int) -> "_StepIO | None":
+        """decode_step's fixed fields (embedding, rotary table, final norm, packed head), made once per
+        plan (and again when the rotary table grows); None where those parts do not fit it."""
+        rotary = model.rotary
+        if rotary.table is None or rotary.table.shape[0] < S:
+            rotary.cos_sin(torch.zeros(1, 1, dtype=torch.long), torch.float32, bound=S)  # grows it, as a step does
+        if self._io is None or self._io_table is not rotary.table:
+            self._io, self._io_table = _fixed_io(model, rotary.table), rotary.table
+        return self._io or None
+
+    def scratch(self, B: int, half: int) -> tuple:
+        """Per batch size: h, cos|sin, slots and logits buffers for decode_step's sampling steps."""
+        bufs = self._scratch.get(B)
+        if bufs is None:
+            Hd, N = self._io.Hd, self._io.N
+            bufs = self._scratch[B] = (torch.empty(B, Hd), torch.empty(2, B, half), torch.empty(B, dtype=torch.int64),
+                                       torch.empty(B, N))
+        return bufs
 
     @staticmethod
     def _weights(*layers) -> list:
@@ -546,28 +582,40 @@ class DenseStack(_Stack):
             tensors += _Stack._weights(*fa.linears, attn.o_proj, *fm.linears, mlp.down_proj, ln1, ln2)
         if not rows:
             return None
-        return DenseStack(links, tensors, torch.tensor(rows, dtype=torch.int64), dims)
+        ends = _Stack._ends(model)
+        return DenseStack(links + ends[0], tensors + ends[1], torch.tensor(rows, dtype=torch.int64), dims)
 
-    def run(self, h, cos, sin, cache, slots, kv_len) -> bool:
-        B, _, Hd = h.shape
+    def bind(self, cache, B: int) -> int | None:
+        """Point the plan at `cache` (B rows); its slots per row, or None where it does not fit."""
         k0 = cache.layers[0][0] if isinstance(cache.layers[0], tuple) else None
         if k0 is None or k0.shape[0] != B:
-            return False
+            return None
         key = tuple((t.data_ptr(), t.shape, t.stride()) for layer in cache.layers for t in layer)
         if key != self.cache_key:
             for i, layer in enumerate(cache.layers):
                 if not isinstance(layer, tuple) or len(layer) != 2 or not _f32(*layer) or layer[0].shape != k0.shape:
-                    return False
+                    return None
                 self.ptrs[i, 8], self.ptrs[i, 9] = layer[0].data_ptr(), layer[1].data_ptr()
             self.cache_key = key
+        return k0.shape[1]
+
+    def run(self, h, cos, sin, cache, slots, kv_len) -> bool:
+        B, _, Hd = h.shape
+        S = self.bind(cache, B)
+        if S is None:
+            return False
         eps, I, H, Hkv, D, scale = self.dims
         cos, sin = cos.reshape(B, D // 2).contiguous(), sin.reshape(B, D // 2).contiguous()
-        S = k0.shape[1]
         bad = library().r1_dense_decode_stack(h.data_ptr(), B, Hd, len(self.ptrs), self.ptrs.data_ptr(), eps, I, H,
                                               Hkv, D, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(), kv_len,
                                               scale, torch.get_num_threads())
         _check(bad, slots, S)
         return True
+
+    def step(self, io, kv_len: int) -> int:
+        eps, I, H, Hkv, D, scale = self.dims
+        return library().r1_dense_decode_step(ctypes.byref(io), len(self.ptrs), self.ptrs.data_ptr(), eps, I, H, Hkv, D,
+                                              kv_len, scale, torch.get_num_threads())
 
 
 class MLAStack(_Stack):
@@ -667,23 +715,36 @@ class MLAStack(_Stack):
         if not rows:
             return None
         dims = (attn_dims, moe_dims or (0, 0, 1, 1, 0, 0, 1.0))  # no MoE layer: no routing
-        return MLAStack(links, tensors, torch.tensor(rows, dtype=torch.int64), dims, moes)
+        ends = _Stack._ends(model)
+        return MLAStack(links + ends[0], tensors + ends[1], torch.tensor(rows, dtype=torch.int64), dims, moes)
 
-    def run(self, h, cos, sin, cache, slots, kv_len) -> bool:
-        B, _, Hd = h.shape
+    def bind(self, cache, B: int) -> int | None:
+        """Point the plan at `cache` (B rows); its slots per row, or None where it does not fit."""
         c0 = cache.layers[0]
         if not torch.is_tensor(c0) or c0.shape[0] != B:
-            return False
+            return None
         key = tuple((t.data_ptr(), t.shape, t.stride()) for t in cache.layers)
         if key != self.cache_key:
             for i, layer in enumerate(cache.layers):
                 if not torch.is_tensor(layer) or not _f32(layer) or layer.shape != c0.shape:
-                    return False
+                    return None
                 self.ptrs[i, 10] = layer.data_ptr()
             self.cache_key = key
+        return c0.shape[1]
+
+    def step(self, io, kv_len: int) -> int:
+        (*_, eps, scale), (*_, scaling) = self.dims
+        return library().r1_mla_decode_step(ctypes.byref(io), len(self.ptrs), self.ptrs.data_ptr(),
+                                            self.dims_c.data_ptr(), eps, scale, scaling, kv_len,
+                                            torch.get_num_threads())
+
+    def run(self, h, cos, sin, cache, slots, kv_len) -> bool:
+        B, _, Hd = h.shape
+        S = self.bind(cache, B)
+        if S is None:
+            return False
         (_, _, _, R, _, _, _, eps, scale), (*_, scaling) = self.dims
         cos, sin = cos.reshape(B, R // 2).contiguous(), sin.reshape(B, R // 2).contiguous()
-        S = c0.shape[1]
         bad = library().r1_mla_decode_stack(h.data_ptr(), B, Hd, len(self.ptrs), self.ptrs.data_ptr(), self.dims_c.data_ptr(),
                                             eps, scale, scaling, cos.data_ptr(), sin.data_ptr(), S, slots.data_ptr(),
                                             kv_len, torch.get_num_threads())
@@ -702,6 +763,16 @@ def decode_stack(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
             or torch.is_grad_enabled() or not h.is_contiguous() or len(cache.layers) != len(model.model.layers)
             or library() is None):
         return None
+    stack = _plan(model)
+    if stack is None:
+        return None
+    with stack.lock:
+        return h if stack.run(h, cos, sin, cache, slots.contiguous(), kv_len) else None
+
+
+def _plan(model) -> "_Stack | None":
+    """The model's one-call decode plan, in the mode in force (sync_mode), built again where anything
+    it relies on changed; None where the model does not fit one."""
     sync_mode()
     stack = model.__dict__.get("_decode_stack")
     if stack is None or not stack.valid():
@@ -710,8 +781,7 @@ def decode_stack(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c
         model.__dict__["_decode_stack"] = stack  # None: built again next step (cheap: it stops at the first misfit)
         if stack is None or not stack.valid():  # valid() also refuses a MoE in training mode
             return None
-    with stack.lock:
-        return h if stack.run(h, cos, sin, cache, slots.contiguous(), kv_len) else None
+    return stack
 
 
 def _swiglu_half(h: torch.Tensor, ln, mlp) -> bool:
@@ -792,6 +862,92 @@ def _check(bad: int, slots: torch.Tensor, S: int) -> None:
     if bad:
         raise ValueError(f"decode slots {slots.tolist()} fall outside their rows of a cache of {S} slots "
                          f"per row: a position is past the cache's end")
+
+
+# ---------------------------------------------------------------------------- a whole decode step in one call
+
+
+class _StepIO(ctypes.Structure):
+    """r1_step_io (cpu_kernels.c): what r1_*_decode_step reads and writes around the blocks."""
+    _fields_ = [(name, kind) for kind, names in (
+        (ctypes.c_void_p, "ids positions"), (ctypes.c_int64, "M"), (ctypes.c_void_p, "embed"),
+        (ctypes.c_int64, "lde vocab"), (ctypes.c_void_p, "rope"), (ctypes.c_int64, "ldr rope_rows half S"),
+        (ctypes.c_void_p, "h cos sin slots final_ln"), (ctypes.c_double, "eps"), (ctypes.c_int64, "Hd"),
+        (ctypes.c_void_p, "head"), (ctypes.c_int64, "N"), (ctypes.c_void_p, "logits"), (ctypes.c_int64, "sample"),
+        (ctypes.c_double, "temperature"), (ctypes.c_void_p, "u tokens logprobs")) for name in names.split()]
+
+
+def _fixed_io(model, table: torch.Tensor) -> "_StepIO | bool":
+    """A _StepIO with the fields that stay from step to step; False where the embedding, norm, rotary
+    table or head do not fit r1_*_decode_step (a plain bias-free head with a packed copy from `attach`)."""
+    emb, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
+    head_w, packed = ((emb.weight, model.__dict__.get("head_packed")) if head is None else
+                      (head.weight, head.__dict__.get("packed_weight")) if type(head) is nn.Linear and head.bias is None
+                      else (None, None))
+    if (packed is None or type(emb) is not nn.Embedding or not _f32(emb.weight, norm.weight, head_w, table)
+            or emb.weight.stride(1) != 1 or table.stride(1) != 1 or table.device.type != "cpu"
+            or not norm.weight.shape[0] == emb.weight.shape[1] == head_w.shape[1]):
+        return False
+    was = _BF16[0]
+    sync_mode(False)  # the head multiplies in float32 (bf16 logits would round every log-probability)
+    head_buf = packed._packed(head_w)
+    if was:
+        sync_mode()
+    return _StepIO(embed=emb.weight.data_ptr(), lde=emb.weight.stride(0), vocab=emb.weight.shape[0],
+                   rope=table.data_ptr(), ldr=table.stride(0), rope_rows=table.shape[0], half=table.shape[1] // 2,
+                   final_ln=norm.weight.data_ptr(), eps=norm.eps, Hd=emb.weight.shape[1], head=head_buf.data_ptr(),
+                   N=head_w.shape[0])
+
+
+def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache, kv_len: int,
+                temperature: float | None = None, generator=None):
+    """model(input_ids, positions=positions, cache=cache, kv_len=kv_len) for one new token per row,
+    embedding to logits in one C call (r1_dense_decode_step, r1_mla_decode_step around the decode
+    plan); (B, 1, V) logits, or None where it does not apply (the caller runs the model).
+
+    With a `temperature` (0: greedy) it also picks each row's next token as engine.sample does with
+    that temperature and nothing else (no top-k, top-p or min-p), drawing the same one uniform number
+    per row from `generator`, and returns (tokens (B,), logprobs (B,)) instead: a step then runs no
+    torch op on its (B, V) logits, each of which would start with caches the blocks left cold."""
+    if (not FUSED_LAYERS or not STACKED or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or input_ids.device.type != "cpu" or input_ids.dim() != 2 or input_ids.shape[1] != 1
+            or input_ids.shape[0] > MAX_ROWS or positions.shape != input_ids.shape or library() is None):
+        return None
+    stack = _plan(model)
+    S = cache.max_seq_len
+    io = stack.step_io(model, S) if stack is not None else None
+    if io is None:
+        return None
+    B = input_ids.shape[0]
+    ids, pos = input_ids.reshape(-1), positions.reshape(-1)
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    if pos.dtype != torch.int64 or not pos.is_contiguous():
+        pos = pos.to(torch.int64).contiguous()
+    with stack.lock:
+        if stack.bind(cache, B) != S:
+            return None
+        h, rope, slots, logits = stack.scratch(B, io.half)
+        if temperature is None:
+            logits = torch.empty(B, 1, io.N)  # returned: not the scratch one
+        else:
+            tokens, logprobs = torch.empty(B, dtype=torch.int64), torch.empty(B)
+            io.tokens, io.logprobs = tokens.data_ptr(), logprobs.data_ptr()
+            io.sample, io.temperature = (2 if temperature == 0 else 1), temperature
+            if temperature != 0:  # as engine._draw: one number per row, from the same generator
+                u = torch.rand(B, 1, generator=generator)
+                io.u = u.data_ptr()
+        io.ids, io.positions, io.M, io.S = ids.data_ptr(), pos.data_ptr(), B, S
+        io.h, io.cos, io.sin, io.slots, io.logits = (h.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr(),
+                                                     slots.data_ptr(), logits.data_ptr())
+        bad = stack.step(io, kv_len)
+        io.sample = 0
+    if bad == 2:
+        raise IndexError(f"token ids {ids.tolist()} outside the vocabulary of {io.vocab}")
+    if bad == 3:
+        raise ValueError(f"positions {pos.tolist()} outside the cache ({S} slots per row)")
+    _check(bad, pos + torch.arange(B) * S, S)
+    return logits if temperature is None else (tokens, logprobs)
 
 
 # ---------------------------------------------------------------------------- SwiGLU for training

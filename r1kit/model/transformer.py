@@ -14,7 +14,7 @@ from torch import nn
 
 from r1kit.model.attention import GQAttention, MLAttention, cache_slots
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import decode_block, decode_stack, linear, project
+from r1kit.model.cpu_kernels import decode_block, decode_stack, decode_step, linear, project
 from r1kit.model.layers import MLP, RMSNorm, Rotary
 from r1kit.model.moe import MoE
 
@@ -148,6 +148,10 @@ class Transformer(nn.Module):
             kv_len = kv_len or int(positions.max()) + 1
             if kv_len > cache.max_seq_len:
                 raise ValueError(f"sequence of {kv_len} tokens exceeds the cache ({cache.max_seq_len} slots)")
+            if T == 1 and logits_at is None and not return_hidden:  # on a CPU: embedding to logits in one C call
+                logits = decode_step(self, input_ids, positions, cache, kv_len)
+                if logits is not None:
+                    return logits
             slots = cache_slots(positions, cache.max_seq_len)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, h.dtype, bound=cache.max_seq_len if cache is not None else None)
