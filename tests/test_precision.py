@@ -271,3 +271,49 @@ def test_moe_model_trains_close_to_float32_with_bf16_experts(backend, monkeypatc
         if "experts.gate_up_proj" in name or "experts.down_proj" in name:
             cos = torch.nn.functional.cosine_similarity(g16[name].flatten(), g.flatten(), dim=0)
             assert cos > 0.99, (name, cos)
+
+
+def test_decoding_and_training_share_the_forward_tiles(backend, monkeypatch):
+    """GRPO generates, then trains on the same weights: in bf16 the engine's decode kernels multiply
+    by the very W^T tiles that training's forward products use, packed once per weight change. An
+    optimizer step packs both again; generation and the loss are unchanged by the sharing."""
+    if backend != "kernels":
+        pytest.skip("the decode kernels' packs are r1kit's C kernels'")
+    from r1kit.engine import Engine, SamplingParams
+    from r1kit.model import cpu_kernels
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Transformer(cfg)
+    engine = Engine(model)
+    o_proj = model.model.layers[1].self_attn.o_proj
+    params = SamplingParams(n=4, max_tokens=6, temperature=1.0, seed=0)
+
+    def generate():
+        with precision.bf16_matmuls():
+            return [g.token_ids for g in engine.generate([[1, 2, 3]], params)]
+
+    def train_forward():
+        with precision.bf16_matmuls():
+            return model.loss(torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1)))["loss"]
+
+    first = generate()
+    tiles = precision._PACKS[o_proj.weight].fwd  # made by the decode step
+    assert tiles is not None and o_proj.packed_weight.buffer is None  # no second copy in the engine
+    model.train()
+    loss = train_forward()
+    assert precision._PACKS[o_proj.weight].fwd is tiles  # training's forward multiplied by the same tiles
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * p.grad.sign())
+    model.eval()
+    second = generate()
+    assert precision._PACKS[o_proj.weight].fwd is not tiles  # packed again after the update
+    assert second != first
+    monkeypatch.setattr(precision, "shares_packs", lambda: False)  # the engine's own copies, as before
+    cpu_kernels.detach(model)  # (drops the decode plan too: it points at the packs)
+    engine = Engine(model)
+    assert generate() == second
+    assert o_proj.packed_weight.buffer is not None

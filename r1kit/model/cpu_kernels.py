@@ -264,6 +264,11 @@ class PackedWeight:
                 and library() is not None)
 
     def _packed(self, weight: torch.Tensor, version_key=None) -> torch.Tensor:
+        if _BF16[0] and precision.shares_packs():
+            # bf16 tiles: the very ones training's forward products use (precision.forward_pack), made
+            # once per weight change for both (GRPO generates, then trains on the same weights)
+            self.buffer, self.key = None, None
+            return precision.forward_pack(weight, version_key)
         key = (weight.data_ptr(), version(weight) if version_key is None else version_key,
                tuple(weight.shape), weight.stride(), _BF16[0])
         if key != self.key:
@@ -306,6 +311,9 @@ class PackedStack:
         """The buffer and the floats from one matrix's packing to the next."""
         E, N, K = weight.shape
         per = packed_size(N, K)
+        if _BF16[0] and precision.shares_packs():  # the tiles training's grouped products use, as PackedWeight
+            self.buffer, self.key = None, None
+            return precision.forward_pack(weight), per
         key = (weight.data_ptr(), version(weight), tuple(weight.shape), weight.stride(), _BF16[0])
         if key != self.key:
             if self.buffer is None or self.buffer.numel() != E * per:
@@ -372,7 +380,8 @@ def attach(model: nn.Module) -> bool:
 
 
 def detach(model: nn.Module) -> None:
-    """Drop every packed copy (frees their memory)."""
+    """Drop every packed copy (frees their memory), and the decode plan that points at them."""
+    model.__dict__.pop("_decode_stack", None)
     for module in model.modules():
         module.__dict__.pop("packed_weight", None)
         module.__dict__.pop("head_packed", None)
@@ -490,8 +499,9 @@ class _Stack:
     optimizer step changes it), and no MoE in training mode (which counts expert load in torch).
     If anything did, the caller builds it again, which packs the changed weights again."""
 
-    def __init__(self, links, tensors, ptrs, dims, moes=()):
+    def __init__(self, links, tensors, ptrs, dims, moes=(), packs=()):
         self.links, self.tensors, self.moes = links, tensors, list(moes)
+        self.packs = list(packs)  # the packed weights `ptrs` points at, kept alive with the plan
         self.key = self.fingerprint()
         self.ptrs = ptrs
         self.dims = dims
@@ -531,7 +541,9 @@ class _Stack:
         if rotary.table is None or rotary.table.shape[0] < S:
             rotary.cos_sin(torch.zeros(1, 1, dtype=torch.long), torch.float32, bound=S)  # grows it, as a step does
         if self._io is None or self._io_table is not rotary.table:
-            self._io, self._io_table = _fixed_io(model, rotary.table), rotary.table
+            io = _fixed_io(model, rotary.table)
+            self._io, self._io_table = (io[0], rotary.table) if io else (False, rotary.table)
+            self.packs.append(io[1] if io else None)  # the packed head `_io` points at, kept alive with the plan
         return self._io or None
 
     def scratch(self, B: int, half: int) -> tuple:
@@ -555,7 +567,7 @@ class DenseStack(_Stack):
     @staticmethod
     def build(model) -> "DenseStack | None":
         layers = model.model.layers
-        links, tensors, rows, dims = _Stack._link(model.model, "layers"), [], [], None
+        links, tensors, rows, dims, packs = _Stack._link(model.model, "layers"), [], [], None, []
         for i, block in enumerate(layers):
             attn, mlp = block.self_attn, block.mlp
             ln1, ln2 = block.input_layernorm, block.post_attention_layernorm
@@ -566,6 +578,7 @@ class DenseStack(_Stack):
                 return None
             qkv_w, gu_w = _group(fa), _group(fm)
             o_w, down_w = _single(attn.o_proj), _single(mlp.down_proj)
+            packs += [qkv_w, gu_w, o_w, down_w]
             D, I, Hd = attn.head_dim, mlp.down_proj.in_features, ln1.weight.shape[0]
             here = (ln1.eps, I, attn.n_heads, attn.n_kv_heads, D, attn.scale)
             qkv_b, o_b = fa.bias, attn.o_proj.bias
@@ -583,7 +596,7 @@ class DenseStack(_Stack):
         if not rows:
             return None
         ends = _Stack._ends(model)
-        return DenseStack(links + ends[0], tensors + ends[1], torch.tensor(rows, dtype=torch.int64), dims)
+        return DenseStack(links + ends[0], tensors + ends[1], torch.tensor(rows, dtype=torch.int64), dims, packs=packs)
 
     def bind(self, cache, B: int) -> int | None:
         """Point the plan at `cache` (B rows); its slots per row, or None where it does not fit."""
@@ -633,7 +646,7 @@ class MLAStack(_Stack):
     @staticmethod
     def build(model) -> "MLAStack | None":
         layers = model.model.layers
-        links, tensors, rows, moes = _Stack._link(model.model, "layers"), [], [], []
+        links, tensors, rows, moes, packs = _Stack._link(model.model, "layers"), [], [], [], []
         attn_dims = moe_dims = None  # the same in every layer (every MoE layer)
         for i, block in enumerate(layers):
             attn, mlp = block.self_attn, block.mlp
@@ -650,6 +663,7 @@ class MLAStack(_Stack):
                 return None
             f_w, o_w = _group(fa), _single(attn.o_proj)
             q_b_w = _single(attn.q_b_proj) if q_lora else None
+            packs += [f_w, o_w, q_b_w]
             q_ln = attn.q_a_layernorm if q_lora else None
             eps = ln1.eps
             if (f_w is None or o_w is None or (q_lora and q_b_w is None)
@@ -672,6 +686,7 @@ class MLAStack(_Stack):
                 if fm is None or type(getattr(mlp, "down_proj", None)) is not nn.Linear:
                     return None
                 gu_w, down_w, I = _group(fm), _single(mlp.down_proj), mlp.down_proj.in_features
+                packs += [gu_w, down_w]
                 if gu_w is None or down_w is None or I % 8:
                     return None
                 row += [0, gu_w.data_ptr(), down_w.data_ptr(), I, 0, 0, 0, 0, 0, 0, 0, 0]
@@ -690,6 +705,7 @@ class MLAStack(_Stack):
                 if shared is not None:
                     fs = getattr(shared, "fused", None)
                     sgu, sdown = _group(fs), _single(shared.down_proj)
+                    packs += [sgu, sdown]
                     Is = shared.down_proj.in_features
                     if sgu is None or sdown is None or Is % 8:
                         return None
@@ -716,7 +732,8 @@ class MLAStack(_Stack):
             return None
         dims = (attn_dims, moe_dims or (0, 0, 1, 1, 0, 0, 1.0))  # no MoE layer: no routing
         ends = _Stack._ends(model)
-        return MLAStack(links + ends[0], tensors + ends[1], torch.tensor(rows, dtype=torch.int64), dims, moes)
+        return MLAStack(links + ends[0], tensors + ends[1], torch.tensor(rows, dtype=torch.int64), dims, moes,
+                        packs=packs)
 
     def bind(self, cache, B: int) -> int | None:
         """Point the plan at `cache` (B rows); its slots per row, or None where it does not fit."""
@@ -877,9 +894,10 @@ class _StepIO(ctypes.Structure):
         (ctypes.c_double, "temperature"), (ctypes.c_void_p, "u tokens logprobs")) for name in names.split()]
 
 
-def _fixed_io(model, table: torch.Tensor) -> "_StepIO | bool":
-    """A _StepIO with the fields that stay from step to step; False where the embedding, norm, rotary
-    table or head do not fit r1_*_decode_step (a plain bias-free head with a packed copy from `attach`)."""
+def _fixed_io(model, table: torch.Tensor) -> "tuple[_StepIO, torch.Tensor] | None":
+    """A _StepIO with the fields that stay from step to step, and the packed head it points at; None
+    where the embedding, norm, rotary table or head do not fit r1_*_decode_step (a plain bias-free head
+    with a packed copy from `attach`)."""
     emb, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
     head_w, packed = ((emb.weight, model.__dict__.get("head_packed")) if head is None else
                       (head.weight, head.__dict__.get("packed_weight")) if type(head) is nn.Linear and head.bias is None
@@ -887,7 +905,7 @@ def _fixed_io(model, table: torch.Tensor) -> "_StepIO | bool":
     if (packed is None or type(emb) is not nn.Embedding or not _f32(emb.weight, norm.weight, head_w, table)
             or emb.weight.stride(1) != 1 or table.stride(1) != 1 or table.device.type != "cpu"
             or not norm.weight.shape[0] == emb.weight.shape[1] == head_w.shape[1]):
-        return False
+        return None
     was = _BF16[0]
     sync_mode(False)  # the head multiplies in float32 (bf16 logits would round every log-probability)
     head_buf = packed._packed(head_w)
@@ -896,7 +914,7 @@ def _fixed_io(model, table: torch.Tensor) -> "_StepIO | bool":
     return _StepIO(embed=emb.weight.data_ptr(), lde=emb.weight.stride(0), vocab=emb.weight.shape[0],
                    rope=table.data_ptr(), ldr=table.stride(0), rope_rows=table.shape[0], half=table.shape[1] // 2,
                    final_ln=norm.weight.data_ptr(), eps=norm.eps, Hd=emb.weight.shape[1], head=head_buf.data_ptr(),
-                   N=head_w.shape[0])
+                   N=head_w.shape[0]), head_buf
 
 
 def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache, kv_len: int,

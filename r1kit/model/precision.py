@@ -211,6 +211,18 @@ def _packs(weight: torch.Tensor, key=None) -> _Packs:
     return hit
 
 
+def shares_packs() -> bool:
+    """Whether `forward_pack` can serve the decode kernels' bf16 packs (cpu_kernels.PackedWeight)."""
+    return _kernels() is not None
+
+
+def forward_pack(weight: torch.Tensor, key=None) -> torch.Tensor:
+    """`weight` (out, in) as W^T in the C kernels' bf16 tiles, made once per value of `key` (default:
+    the weight's storage and version) and shared by training's forward products and the decode
+    kernels, whose bf16 mode multiplies by the same tiles (r1_gemm, r1_*_decode_stack)."""
+    return _packs(weight, key).forward_pack(_kernels(), weight.detach())
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (rows, cols) with unit column stride, what the kernels read (cpu_kernels._row_view)."""
     from r1kit.model.cpu_kernels import _row_view  # it imports this module
