@@ -960,11 +960,12 @@ def decode_step(model, input_ids: torch.Tensor, positions: torch.Tensor, cache, 
                                                      slots.data_ptr(), logits.data_ptr())
         bad = stack.step(io, kv_len)
         io.sample = 0
-    if bad == 2:
-        raise IndexError(f"token ids {ids.tolist()} outside the vocabulary of {io.vocab}")
-    if bad == 3:
-        raise ValueError(f"positions {pos.tolist()} outside the cache ({S} slots per row)")
-    _check(bad, pos + torch.arange(B) * S, S)
+    if bad:
+        if bad == 2:
+            raise IndexError(f"token ids {ids.tolist()} outside the vocabulary of {io.vocab}")
+        if bad == 3:
+            raise ValueError(f"positions {pos.tolist()} outside the cache ({S} slots per row)")
+        _check(bad, pos + torch.arange(B) * S, S)
     return logits if temperature is None else (tokens, logprobs)
 
 
