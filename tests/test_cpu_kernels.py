@@ -403,17 +403,23 @@ def _layer_tensors(layer):
     return layer if isinstance(layer, tuple) else (layer,)
 
 
+def _twin_caches(model, rows, S):
+    """Two caches of `rows` rows and S slots holding the same random values."""
+    caches = [model.new_cache(rows, S) for _ in range(2)]
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
+            x.normal_()
+            y.copy_(x)
+    return caches
+
+
 def _decode_step_both_ways(model, rows, monkeypatch, S=24):
     """One decode step through Transformer.forward with the C paths on (the whole-model stack where
     it applies) and off (torch), from the same random cache: (logits, cache) of each."""
     torch.manual_seed(1)
     positions = torch.tensor([[3 + 4 * i] for i in range(rows)])
     ids = torch.randint(0, model.config.vocab_size, (rows, 1))
-    caches = [model.new_cache(rows, S) for _ in range(2)]
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
-            x.normal_()
-            y.copy_(x)
+    caches = _twin_caches(model, rows, S)
     with torch.inference_mode():
         ours = model(ids, positions=positions, cache=caches[0], kv_len=int(positions.max()) + 1)
         monkeypatch.setattr(cpu_kernels, "FUSED_LAYERS", False)
@@ -498,11 +504,7 @@ def test_decode_step_draws_as_the_sampler_does(family, temperature):
     B, S = 16, 24
     positions = torch.randint(0, S, (B, 1))
     ids = torch.randint(0, model.config.vocab_size, (B, 1))
-    caches = [model.new_cache(B, S) for _ in range(2)]
-    for a, b in zip(caches[0].layers, caches[1].layers):
-        for x, y in zip(_layer_tensors(a), _layer_tensors(b)):
-            x.normal_()
-            y.copy_(x)
+    caches = _twin_caches(model, B, S)
     kv_len = int(positions.max()) + 1
     with torch.inference_mode():
         logits = model(ids, positions=positions, cache=caches[0], kv_len=kv_len)[:, -1]
