@@ -544,3 +544,28 @@ def test_pass1_reports_its_standard_error_over_problems(tok):
     out = evaluate_pass1(dense_model(tok), tok, samples, quick_config(), k=3,
                          verify=lambda text, s: s["meta"]["flat"], per_problem=True)
     assert out["per_problem"] == [float(s["meta"]["flat"]) for s in samples]
+
+
+def test_auto_shares_prompts_only_where_the_tokens_saved_pay_for_the_pass():
+    """share_prompts="auto" (the default): a prompt pass is a forward and a backward of its own, so the
+    update shares a minibatch's prompts only when the prompt tokens it saves exceed three forwards'
+    fixed price (64 token-equivalents in float32, 256 with bf16 products); true always, false never."""
+    import types
+
+    from r1kit.model import precision
+
+    config = quick_config().resolved()
+    assert config.share_prompts == "auto"
+    rows = list(range(8))
+
+    def rollout(prompt_len):  # 8 rows, 2 distinct prompts: 6 prompts' tokens saved
+        return types.SimpleNamespace(prompt_ids=[[i % 2 + 1] * prompt_len for i in rows])
+
+    assert not grpo._prompt_pass_pays(config, rollout(20), rows)  # 120 tokens saved < 192
+    assert grpo._prompt_pass_pays(config, rollout(40), rows)  # 240 > 192
+    with precision.bf16_matmuls():
+        assert not grpo._prompt_pass_pays(config, rollout(40), rows)  # 240 < 768: tokens are cheap in bf16
+        assert grpo._prompt_pass_pays(config, rollout(200), rows)
+    assert grpo._prompt_pass_pays(dataclasses.replace(config, share_prompts=True), rollout(1), rows)
+    with pytest.raises(ValueError, match="share_prompts must be"):
+        quick_config(share_prompts="sometimes").resolved()

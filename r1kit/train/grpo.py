@@ -101,7 +101,9 @@ class GRPOConfig:
     micro_batch_size: int | None = None  # completions per forward/backward; None: a whole minibatch
     mask_truncated_completions: bool = False
     skip_zero_advantage: bool = True  # beta = 0: rows whose advantage is 0 add no gradient; skip their forward
-    share_prompts: bool = True  # run each group's prompt once in the update, not once per completion
+    # run each group's prompt once in the update, not once per completion: True, False, or "auto" (where
+    # the prompt tokens saved pay for the prompt pass's own forward and backward; see _prompt_pass_pays)
+    share_prompts: bool | str = "auto"
     use_bias_correction_kl: bool = False  # TRL 1.16 defaults to True; R1's Eq. 2 does not have it
     ref_model_sync_steps: int = 0  # reset the reference to the policy every N steps (R1: 400); 0: never
     dynamic_sampling: bool | None = None  # drop groups with equal rewards, refill (dapo: on)
@@ -192,6 +194,8 @@ class GRPOConfig:
         need(self.rollout_backend in ("r1kit", "vllm"), f"rollout_backend must be 'r1kit' or 'vllm', got {self.rollout_backend!r}")
         need(self.max_steps >= 0, "max_steps must be >= 0")
         need(self.bf16 in (True, False, "auto"), f"bf16 must be true, false or 'auto', got {self.bf16!r}")
+        need(self.share_prompts in (True, False, "auto"),
+             f"share_prompts must be true, false or 'auto', got {self.share_prompts!r}")
 
 
 # ==================================================================================== rollouts
@@ -533,10 +537,31 @@ def _buckets(rollout: Rollout, rows: list[int], max_rows: int, prompts: PromptPa
     With bf16 products (precision.bf16_matmuls) a token costs a fraction of float32's while a
     forward's fixed price stays: fewer, longer buckets (the 3M-parameter GRPO bench model's update on
     this AMX CPU: 0.173 -> 0.147 s at 256 token-equivalents instead of 64; 1024 and one bucket, 0.15)."""
-    overhead = 256 if precision.bf16_on() else 64
     if prompts is None:
-        return length_buckets(rows, rollout.lengths(), max_rows, overhead)
-    return length_buckets(rows, rollout.completion_mask.sum(1).long().tolist(), max_rows, overhead)
+        return length_buckets(rows, rollout.lengths(), max_rows, _forward_overhead())
+    return length_buckets(rows, rollout.completion_mask.sum(1).long().tolist(), max_rows, _forward_overhead())
+
+
+def _forward_overhead() -> int:
+    """A forward's fixed price in token-equivalents (see _buckets)."""
+    return 256 if precision.bf16_on() else 64
+
+
+# A PromptPass is a forward and a backward of their own, and every bucket copies its prompts' cache
+# rows: "auto" shares the prompts when the prompt tokens it saves exceed this many forwards' fixed
+# price. Interleaved on saved bases (GRPO bench, 32 rows, ~500 prompt tokens saved, bf16 products):
+# sharing cost 0.130 against 0.120 s per step (tiny) and 0.728 against 0.686 s (25M), about 2.5-2.8
+# forwards' price more than it saved.
+PROMPT_PASS_FORWARDS = 3
+
+
+def _prompt_pass_pays(config, rollout: Rollout, rows: list[int]) -> bool:
+    """Whether the update runs `rows`' prompts once (share_prompts True, or "auto" and it pays)."""
+    if config.share_prompts is True:
+        return True
+    distinct = {tuple(rollout.prompt_ids[r]) for r in rows}
+    saved = sum(len(rollout.prompt_ids[r]) for r in rows) - sum(len(p) for p in distinct)
+    return saved > PROMPT_PASS_FORWARDS * _forward_overhead()
 
 
 @torch.no_grad()
@@ -956,10 +981,12 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 if not train_rows:  # one short row still runs: its zero gradient steps Adam as the full pass would
                     train_rows = [min(mb_rows, key=lengths.__getitem__)]
                 rows_skipped += len(mb_rows) - len(train_rows)
-                prompts = _prompt_pass(train_model, rollout, train_rows) if share else None
+                pays = share and _prompt_pass_pays(config, rollout, train_rows)
+                prompts = _prompt_pass(train_model, rollout, train_rows) if pays else None
                 chunks = _buckets(rollout, train_rows, micro, prompts)
             else:
-                prompts = _prompt_pass(train_model, rollout, mb_rows) if share else None
+                pays = share and _prompt_pass_pays(config, rollout, mb_rows)
+                prompts = _prompt_pass(train_model, rollout, mb_rows) if pays else None
                 chunks = [mb_rows[ms:ms + micro] for ms in range(0, len(mb_rows), micro)]
             for i, rows in enumerate(chunks):
                 rows_trained += len(rows)
