@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
+from r1kit.model.cpu_attention import causal_attention
 from r1kit.model.cpu_kernels import project
 from r1kit.model.layers import RMSNorm, Rotary, softmax_scale
 
@@ -114,6 +115,10 @@ class GQAttention(nn.Module):
             write_cache(k_cache, slots, k)
             write_cache(v_cache, slots, v)
             k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
+        elif mask is None:  # training on a CPU: the causal kernel takes the (B, T, heads, D) layout as it is
+            out = causal_attention(q, k, v, self.scale)
+            if out is not None:
+                return project(self.o_proj, out.view(B, T, -1))
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=True)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
@@ -186,6 +191,10 @@ class MLAttention(nn.Module):
         T = q_nope.shape[1]
         kv = project(self.kv_b_proj, c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        if mask is None and S == T:  # training on a CPU: the parts as they are, no concatenation or padding
+            out = causal_attention(q_nope, k_nope, v, self.scale, q2=q_rope, k2=k_rope)
+            if out is not None:
+                return out
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1)
         pad = q.shape[-1] - self.v_dim

@@ -448,13 +448,13 @@ static inline void store_row(float *y, vec a0, vec a1, vec a2, int64_t nn, const
  * named registers (an array would be kept in memory), rows past MR are never touched. */
 #define ROW_FMA(i)                                                                                  \
     if (MR > i) {                                                                                   \
-        b = vset1(x[i * ldx + k]);                                                                  \
+        b = vset1(XAT(i));                                                                          \
         c##i##0 = vfma(b, w0, c##i##0); c##i##1 = vfma(b, w1, c##i##1); c##i##2 = vfma(b, w2, c##i##2); \
     }
 #define ROW_STORE(i) \
     if (MR > i) store_row(y + i * ldy, c##i##0, c##i##1, c##i##2, nn, bias);
-#define TILE(R)                                                                                       \
-    static void tile##R(const float *x, int64_t ldx, const float *panel, int64_t K, const float *bias, \
+#define TILE(NAME, R)                                                                                     \
+    static void NAME##R(const float *x, int64_t ldx, const float *panel, int64_t K, const float *bias, \
                         float *y, int64_t ldy, int64_t nn, const char *pf) {                          \
         const int64_t MR = R; /* a constant: the compiler drops the rows past it */                   \
         vec c00 = vzero(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00, c20 = c00, c21 = c00; \
@@ -473,22 +473,40 @@ static inline void store_row(float *y, vec a0, vec a1, vec a2, int64_t nn, const
         ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5) ROW_STORE(6)    \
         ROW_STORE(7)                                                                                  \
     }
-TILE(1)
-TILE(2)
-TILE(3)
-TILE(4)
+#define XAT(i) x[(i) * ldx + k] /* row i of the tile, element k of it */
+TILE(tile, 1)
+TILE(tile, 2)
+TILE(tile, 3)
+TILE(tile, 4)
 #if MR_MAX > 4
-TILE(5)
-TILE(6)
-TILE(7)
-TILE(8)
+TILE(tile, 5)
+TILE(tile, 6)
+TILE(tile, 7)
+TILE(tile, 8)
 #endif
+/* The same with x read transposed: y[r][n] = sum_k x[k * ldx + r] * panel[k][n] (attention's backward
+ * multiplies by the transposes of its score matrices without forming them) */
+#undef XAT
+#define XAT(i) x[k * ldx + (i)]
+TILE(tilet, 1)
+TILE(tilet, 2)
+TILE(tilet, 3)
+TILE(tilet, 4)
+#if MR_MAX > 4
+TILE(tilet, 5)
+TILE(tilet, 6)
+TILE(tilet, 7)
+TILE(tilet, 8)
+#endif
+#undef XAT
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, const float *, float *, int64_t, int64_t,
                         const char *);
 #if MR_MAX > 4
 static const tile_fn TILES[MR_MAX + 1] = {0, tile1, tile2, tile3, tile4, tile5, tile6, tile7, tile8};
+static const tile_fn TILEST[MR_MAX + 1] = {0, tilet1, tilet2, tilet3, tilet4, tilet5, tilet6, tilet7, tilet8};
 #else
 static const tile_fn TILES[MR_MAX + 1] = {0, tile1, tile2, tile3, tile4};
+static const tile_fn TILEST[MR_MAX + 1] = {0, tilet1, tilet2, tilet3, tilet4};
 #endif
 
 static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
@@ -767,6 +785,294 @@ void r1_rope(const float *x, int64_t R, int64_t H, int64_t D, int64_t ldr, int64
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Causal self-attention for training, float32 (r1_attn_forward / r1_attn_backward; cpu_attention.py
+ * is its autograd function): T queries over the same T positions, query t seeing keys 0..t.
+ *
+ * Why: at the lengths r1kit trains on a CPU (T of 50-500, heads of 32-128 numbers) torch's flash
+ * kernel for the CPU spends most of its time outside arithmetic, and MLA needs a concatenation of
+ * each head's two query parts and of its two key parts, and values padded to the query's width, on
+ * top (each with its own backward). Here one head's products are the packed tiles of the products
+ * above (r1_gemm): S = Q K^T over the causal panels only, a row softmax, O = P V; backward recomputes
+ * P from the saved log-sum-exp and forms dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K,
+ * dK = dS^T Q and dV = P^T dO, the last two by tiles that read dS and P transposed.
+ *
+ * Operands are given as parts, each (B, T, heads, d) with unit stride along d: `parts` holds, per
+ * part, {pointer, d, stride of b, stride of t, stride of a head} for q1, q2, k1, k2, v in that order
+ * (q2 and k2 may be empty, d = 0: a plain head). Query head h reads key/value head h / rep of a part;
+ * a head stride of 0 means one head shared by all query heads (MLA's rope key). A query head is
+ * q1 | q2 and its key k1 | k2 (MLA: nope | rope). out (B, T, H, dv) and lse (B, H, T) are contiguous;
+ * backward writes dq (B, T, H, d1 + d2) and dk1, dk2, dv (B, T, heads of the part, d), contiguous.
+ * The heads that share a key or value head (all heads, where a part is shared) run in one thread, so
+ * their gradients add up without atomics, in a fixed order.
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct { const float *p; int64_t d, sb, st, sh; } part_t;
+
+static inline part_t part_at(const int64_t *parts, int i) {
+    const int64_t *a = parts + 5 * i;
+    part_t r = {(const float *)(intptr_t)a[0], a[1], a[2], a[3], a[4]};
+    return r;
+}
+
+/* the row of head h (query head index; key/value parts take h / rep) at position t of row b */
+static inline const float *part_row(part_t a, int64_t b, int64_t t, int64_t h, int64_t rep) {
+    return a.p + b * a.sb + t * a.st + (h / rep) * a.sh;
+}
+
+/* per-thread scratch, kept between calls (a fresh buffer per call cost page faults on every step) */
+static __thread float *attn_scratch = 0;
+static __thread int64_t attn_scratch_n = 0;
+
+static float *scratch(int64_t n) {
+    if (n > attn_scratch_n) {
+        free(attn_scratch);
+        attn_scratch = falloc(n + 64);
+        attn_scratch_n = attn_scratch ? n : 0;
+    }
+    return attn_scratch;
+}
+
+/* the T x d rows of one head of two parts side by side (a | b, d = da + db), times `mul`, packed into
+ * panels of NR columns: panel p holds columns p NR .. p NR + NR - 1 (zeros past d), T rows of NR */
+static void pack_rows(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, int64_t T, float mul, float *out) {
+    int64_t d = a.d + b.d, panels = (d + NR - 1) / NR;
+    for (int64_t t = 0; t < T; t++) {
+        float row[NR * 8]; /* d <= 8 NR: checked by the caller */
+        const float *ra = part_row(a, bi, t, h, rep), *rb = b.d ? part_row(b, bi, t, h, rep) : 0;
+        for (int64_t j = 0; j < a.d; j++) row[j] = ra[j] * mul;
+        for (int64_t j = 0; j < b.d; j++) row[a.d + j] = rb[j] * mul;
+        for (int64_t j = d; j < panels * NR; j++) row[j] = 0.0f;
+        for (int64_t p = 0; p < panels; p++) memcpy(out + (p * T + t) * NR, row + p * NR, NR * sizeof(float));
+    }
+}
+
+/* the same rows transposed (d x T: the product's columns are the T positions), packed into panels of
+ * NR positions: panel p, row j holds element j of positions p NR .. p NR + NR - 1 (zeros past T) */
+static void pack_cols(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, int64_t T, float *out) {
+    int64_t d = a.d + b.d, panels = (T + NR - 1) / NR;
+    memset(out + (panels - 1) * d * NR, 0, (size_t)(d * NR) * sizeof(float));
+    for (int64_t t = 0; t < T; t++) {
+        const float *ra = part_row(a, bi, t, h, rep), *rb = b.d ? part_row(b, bi, t, h, rep) : 0;
+        float *col = out + (t / NR) * d * NR + t % NR;
+        for (int64_t j = 0; j < a.d; j++) col[j * NR] = ra[j];
+        for (int64_t j = 0; j < b.d; j++) col[(a.d + j) * NR] = rb[j];
+    }
+}
+
+/* y (M x N, ld ldy) = x (M x K) @ packed (K x N in panels of NR, `rows` rows per panel, starting at
+ * row k0 of each), by tiles of MR_MAX rows; transposed: x[k][m] instead of x[m][k]. Rows of the tile
+ * starting at m see only K(m) = kend(m) - k0 of the packed rows (causal ranges). */
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* S = Qs K^T over the panels a tile of rows needs (columns 0 .. last row), then the softmax of each
+ * row over its keys 0..t: P in place, zeros past the diagonal up to the tile's end. lse[t] saved. With
+ * lse_in (backward): P = exp(S - lse_in) instead. */
+static void scores(const float *qs, int64_t D, const float *kt, int64_t T, int64_t Tp, float *s, float *lse,
+                   const float *lse_in) {
+    for (int64_t m = 0; m < T; m += MR_MAX) {
+        int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
+        for (int64_t p = 0; p * NR <= last; p++)
+            TILES[mr](qs + m * D, D, kt + p * D * NR, D, 0, s + m * Tp + p * NR, Tp, min64(NR, T - p * NR), 0);
+        for (int64_t t = m; t <= last; t++) {
+            float *r = s + t * Tp;
+            int64_t n = t + 1, n8 = (n + 7) / 8 * 8, kend = m + mr;
+            for (int64_t j = n; j < n8; j++) r[j] = -INFINITY;
+            float mx, inv = 1.0f;
+            if (lse_in) {
+                mx = lse_in[t];
+            } else { /* the row's max, 8 lanes at a time (the padding holds -inf) */
+                __m256 v = _mm256_set1_ps(-INFINITY);
+                for (int64_t j = 0; j < n8; j += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(r + j));
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            }
+            __m256 vm = _mm256_set1_ps(mx), tot = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n8; j += 8) {
+                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + j), vm));
+                _mm256_storeu_ps(r + j, e);
+                tot = _mm256_add_ps(tot, e);
+            }
+            if (!lse_in) {
+                float sum = hsum(tot);
+                lse[t] = mx + logf(sum);
+                inv = 1.0f / sum;
+                __m256 vi = _mm256_set1_ps(inv);
+                for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_loadu_ps(r + j), vi));
+            }
+            for (int64_t j = n8; j < kend; j++) r[j] = 0.0f;
+        }
+    }
+}
+
+/* y rows (ld ldy) = P (T x T, ld Tp, zero past the diagonal) @ packed rows (T x n in panels of NR):
+ * row tile m sums over positions 0 .. m + mr - 1 */
+static void causal_nn(const float *p, int64_t T, int64_t Tp, const float *packed, int64_t n, float *y, int64_t ldy) {
+    int64_t panels = (n + NR - 1) / NR;
+    for (int64_t m = 0; m < T; m += MR_MAX) {
+        int64_t mr = min64(MR_MAX, T - m);
+        for (int64_t q = 0; q < panels; q++)
+            TILES[mr](p + m * Tp, Tp, packed + q * T * NR, m + mr, 0, y + m * ldy + q * NR, ldy, min64(NR, n - q * NR), 0);
+    }
+}
+
+/* y rows (T x n, ld ldy) = P^T @ packed rows: row j sums over positions j0 .. T - 1 of its tile j0
+ * (P[i][j] is zero for i < j) */
+static void causal_tn(const float *p, int64_t T, int64_t Tp, const float *packed, int64_t n, float *y, int64_t ldy) {
+    int64_t panels = (n + NR - 1) / NR;
+    for (int64_t m = 0; m < T; m += MR_MAX) {
+        int64_t mr = min64(MR_MAX, T - m);
+        for (int64_t q = 0; q < panels; q++)
+            TILEST[mr](p + m * Tp + m, Tp, packed + (q * T + m) * NR, T - m, 0, y + m * ldy + q * NR, ldy,
+                       min64(NR, n - q * NR), 0);
+    }
+}
+
+/* heads per work unit: the heads sharing a key/value head; all of them where a part is shared */
+static int64_t unit_heads(part_t k1, part_t k2, part_t v, int64_t H, int64_t rep) {
+    int shared = (k1.sh == 0) || (k2.d && k2.sh == 0) || (v.sh == 0);
+    return shared ? H : rep;
+}
+
+/* Qs = scale q, one head's T x D rows (q1 | q2), row stride D */
+static void scaled_q(part_t q1, part_t q2, int64_t b, int64_t h, int64_t T, float scale, float *qs) {
+    int64_t D = q1.d + q2.d;
+    for (int64_t t = 0; t < T; t++) {
+        const float *a = part_row(q1, b, t, h, 1), *c = q2.d ? part_row(q2, b, t, h, 1) : 0;
+        float *r = qs + t * D;
+        for (int64_t j = 0; j < q1.d; j++) r[j] = a[j] * scale;
+        for (int64_t j = 0; j < q2.d; j++) r[q1.d + j] = c[j] * scale;
+    }
+}
+
+/* psave (nullable): where each head's P goes, (B, H, T, Tp) with Tp = T rounded up to NR, so that
+ * backward reads it instead of recomputing it (cpu_attention.py decides by its size) */
+int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64_t rep, float scale, float *out,
+                    float *lse, float *psave, int nt) {
+    part_t q1 = part_at(parts, 0), q2 = part_at(parts, 1), k1 = part_at(parts, 2), k2 = part_at(parts, 3),
+           v = part_at(parts, 4);
+    int64_t D = q1.d + q2.d, Dv = v.d;
+    if (D > 8 * NR || Dv > 8 * NR || k1.d != q1.d || k2.d != q2.d || H % rep)
+        return 1;
+    int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
+    int64_t Tp = (T + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
+    int64_t need = T * D + Tp * D + Tp * Tp + T * pV;
+#pragma omp parallel num_threads(nt) if (nt > 1 && units > 1)
+    {
+        float *qs = scratch(need), *kt = qs + T * D, *vp = kt + Tp * D, *s0 = vp + T * pV;
+        part_t none = {0, 0, 0, 0, 0};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t b = u / (H / U), h0 = (u % (H / U)) * U;
+            for (int64_t h = h0; h < h0 + U; h++) {
+                float *s = psave ? psave + (b * H + h) * T * Tp : s0;
+                scaled_q(q1, q2, b, h, T, scale, qs);
+                pack_cols(k1, k2, b, h, rep, T, kt);
+                scores(qs, D, kt, T, Tp, s, lse + (b * H + h) * T, 0);
+                pack_rows(v, none, b, h, rep, T, 1.0f, vp);
+                causal_nn(s, T, Tp, vp, Dv, out + (b * T * H + h) * Dv, H * Dv);
+            }
+        }
+    }
+    return 0;
+}
+
+/* acc (T rows of parts a | b for head h, ld of the part's (B, T, heads, d) layout) = or += tmp (T x d) */
+static void put_rows(float *base, int64_t d, int64_t heads, int64_t b, int64_t T, int64_t g, const float *tmp,
+                     int64_t ldt, int add) {
+    for (int64_t t = 0; t < T; t++) {
+        float *dst = base + ((b * T + t) * heads + g) * d;
+        const float *src = tmp + t * ldt;
+        if (add)
+            for (int64_t j = 0; j < d; j++) dst[j] += src[j];
+        else
+            memcpy(dst, src, (size_t)d * sizeof(float));
+    }
+}
+
+/* psave: forward's P where it kept it, else NULL (P is recomputed from q, k and lse) */
+int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64_t rep, float scale,
+                     const float *out, const float *lse, const float *psave, const float *dout, float *dq,
+                     float *dk1, float *dk2, float *dv, int nt) {
+    part_t q1 = part_at(parts, 0), q2 = part_at(parts, 1), k1 = part_at(parts, 2), k2 = part_at(parts, 3),
+           v = part_at(parts, 4);
+    int64_t D = q1.d + q2.d, Dv = v.d;
+    if (D > 8 * NR || Dv > 8 * NR || k1.d != q1.d || k2.d != q2.d || H % rep)
+        return 1;
+    int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
+    int64_t G1 = k1.sh ? H / rep : 1, G2 = k2.sh ? H / rep : 1, Gv = v.sh ? H / rep : 1;
+    int64_t Tp = (T + NR - 1) / NR * NR, pD = (D + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
+    int64_t W = D > Dv ? D : Dv;
+    /* qs (T x D) | kt (D x Tp) | s, ds (Tp x Tp each) | kp, qp (T x pD each) | vt (Dv x Tp) | dop (T x pV)
+     * | tmp (T x W) | delta (T) */
+    int64_t need = T * D + Tp * D + 2 * Tp * Tp + 2 * T * pD + Tp * Dv + T * pV + T * W + T;
+#pragma omp parallel num_threads(nt) if (nt > 1 && units > 1)
+    {
+        float *qs = scratch(need), *kt = qs + T * D, *s0 = kt + Tp * D, *ds = s0 + Tp * Tp, *kp = ds + Tp * Tp;
+        float *qp = kp + T * pD, *vt = qp + T * pD, *dop = vt + Tp * Dv, *tmp = dop + T * pV, *delta = tmp + T * W;
+        part_t none = {0, 0, 0, 0, 0};
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t b = u / (H / U), h0 = (u % (H / U)) * U;
+            for (int64_t h = h0; h < h0 + U; h++) {
+                const float *o = out + (b * T * H + h) * Dv, *dO = dout + (b * T * H + h) * Dv, *s = s0;
+                int64_t ldo = H * Dv;
+                if (psave) {
+                    s = psave + (b * H + h) * T * Tp;
+                } else { /* P again, from the saved log-sum-exp */
+                    scaled_q(q1, q2, b, h, T, scale, qs);
+                    pack_cols(k1, k2, b, h, rep, T, kt);
+                    scores(qs, D, kt, T, Tp, s0, 0, lse + (b * H + h) * T);
+                }
+                for (int64_t t = 0; t < T; t++) { /* delta = rowsum(dO O) */
+                    const float *a = dO + t * ldo, *c = o + t * ldo;
+                    __m256 acc = _mm256_setzero_ps();
+                    int64_t j = 0;
+                    for (; j + 8 <= Dv; j += 8)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(c + j), acc);
+                    float rest = 0.0f;
+                    for (; j < Dv; j++) rest += a[j] * c[j];
+                    delta[t] = hsum(acc) + rest;
+                }
+                pack_cols(v, none, b, h, rep, T, vt);
+                for (int64_t m = 0; m < T; m += MR_MAX) { /* dP = dO V^T, then dS = P (dP - delta) */
+                    int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
+                    for (int64_t p = 0; p * NR <= last; p++)
+                        TILES[mr](dO + m * ldo, ldo, vt + p * Dv * NR, Dv, 0, ds + m * Tp + p * NR, Tp,
+                                  min64(NR, T - p * NR), 0);
+                    for (int64_t t = m; t <= last; t++) {
+                        float *r = ds + t * Tp;
+                        const float *pr = s + t * Tp;
+                        float dl = delta[t];
+                        for (int64_t j = 0; j <= last; j++) r[j] = pr[j] * (r[j] - dl);
+                    }
+                }
+                /* dq = scale dS K: K packed by rows, times scale */
+                pack_rows(k1, k2, b, h, rep, T, scale, kp);
+                causal_nn(ds, T, Tp, kp, D, dq + (b * T * H + h) * D, H * D);
+                /* dK = dS^T (scale q) */
+                pack_rows(q1, q2, b, h, 1, T, scale, qp);
+                causal_tn(ds, T, Tp, qp, D, tmp, W);
+                int first1 = k1.sh ? h % rep == 0 : h == h0, first2 = k2.sh ? h % rep == 0 : h == h0;
+                put_rows(dk1, k1.d, G1, b, T, k1.sh ? h / rep : 0, tmp, W, !first1);
+                if (k2.d)
+                    put_rows(dk2, k2.d, G2, b, T, k2.sh ? h / rep : 0, tmp + k1.d, W, !first2);
+                /* dV = P^T dO */
+                for (int64_t p = 0; p * NR < Dv; p++)
+                    for (int64_t t = 0; t < T; t++) {
+                        int64_t n = min64(NR, Dv - p * NR);
+                        memcpy(dop + (p * T + t) * NR, dO + t * ldo + p * NR, (size_t)n * sizeof(float));
+                        for (int64_t j = n; j < NR; j++) dop[(p * T + t) * NR + j] = 0.0f;
+                    }
+                causal_tn(s, T, Tp, dop, Dv, tmp, W);
+                int firstv = v.sh ? h % rep == 0 : h == h0;
+                put_rows(dv, Dv, Gv, b, T, v.sh ? h / rep : 0, tmp, W, !firstv);
+            }
+        }
+    }
+    return 0;
 }
 
 /* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
