@@ -1075,6 +1075,64 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * MoE dispatch and combine for training (moe.py's _PermuteRows and the gated sum of each token's k
+ * expert outputs), float32 rows of H numbers: gathers by a permutation of the (token, expert) pairs,
+ * fused with what follows them. torch ran each as an index_select plus a view, a product with the gates
+ * and a sum (forward), and as many backward, each a pass over the k-fold rows.
+ * ------------------------------------------------------------------------------------------------ */
+/* y[p] = x[idx[p] / div], P rows (dispatch: pair p is token order[p] / k) */
+void r1_rows_gather(const float *x, const int64_t *idx, int64_t div, int64_t P, int64_t H, float *y, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1 && P * H >= (1 << 14)) schedule(static)
+    for (int64_t p = 0; p < P; p++)
+        memcpy(y + p * H, x + (idx[p] / div) * H, (size_t)H * sizeof(float));
+}
+
+/* out[t] = sum_j g[t k + j] y[idx[t k + j]] over the k pairs of token t (g NULL: weights of 1): the
+ * combine (idx = inverse: where each pair went), and the dispatch's backward (g NULL) */
+void r1_rows_combine(const float *y, const int64_t *idx, const float *g, int64_t N, int64_t k, int64_t H,
+                     float *out, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1 && N * k * H >= (1 << 14)) schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        float *o = out + t * H;
+        for (int64_t j = 0; j < k; j++) {
+            const float *r = y + idx[t * k + j] * H;
+            float w = g ? g[t * k + j] : 1.0f;
+            if (j == 0)
+                for (int64_t c = 0; c < H; c++) o[c] = w * r[c];
+            else
+                for (int64_t c = 0; c < H; c++) o[c] += w * r[c];
+        }
+    }
+}
+
+/* the combine's backward: dy_pairs[idx[t k + j]] = g[t k + j] dout[t], dg[t k + j] = dout[t] . y[idx[t k + j]] */
+void r1_rows_combine_backward(const float *y, const int64_t *idx, const float *g, const float *dout, int64_t N,
+                              int64_t k, int64_t H, float *dy, float *dg, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1 && N * k * H >= (1 << 14)) schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const float *d = dout + t * H;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t p = idx[t * k + j];
+            const float *r = y + p * H;
+            float *o = dy + p * H, w = g[t * k + j];
+            __m256 acc = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + 8 <= H; c += 8) {
+                __m256 dv = _mm256_loadu_ps(d + c);
+                _mm256_storeu_ps(o + c, _mm256_mul_ps(dv, _mm256_set1_ps(w)));
+                acc = _mm256_fmadd_ps(dv, _mm256_loadu_ps(r + c), acc);
+            }
+            float rest = 0.0f;
+            for (; c < H; c++) {
+                o[c] = w * d[c];
+                rest += d[c] * r[c];
+            }
+            dg[t * k + j] = hsum(acc) + rest;
+        }
+    }
+}
+
 /* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
  * halves x1 | x2 become x1 cos - x2 sin | x2 cos + x1 sin. Interleaved (DeepSeek's layout): the
  * pairs (x0, x1), (x2, x3), ... are x1, x2, and the result is written de-interleaved, evens then odds. */

@@ -200,6 +200,12 @@ def library() -> ctypes.CDLL | None:
     lib.r1_rms_norm_backward.restype = None
     lib.r1_rope.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i32, i32, ptr, i32]
     lib.r1_rope.restype = None
+    lib.r1_rows_gather.argtypes = [ptr, ptr, i64, i64, i64, ptr, i32]
+    lib.r1_rows_gather.restype = None
+    lib.r1_rows_combine.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32]
+    lib.r1_rows_combine.restype = None
+    lib.r1_rows_combine_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i32]
+    lib.r1_rows_combine_backward.restype = None
     lib.r1_attn_forward.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, i32]
     lib.r1_attn_forward.restype = i32
     lib.r1_attn_backward.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]

@@ -27,7 +27,7 @@ from torch import nn
 
 from r1kit.model import precision
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import swiglu
+from r1kit.model.cpu_kernels import _plain, library, swiglu
 from r1kit.model.layers import MLP
 
 # One grouped GEMM over all experts: F.grouped_mm (CPU kernels since torch 2.10, CUDA SM80+). Older
@@ -133,15 +133,27 @@ def _grouped_linear_grad(ctx, dy):
 grouped_linear.register_autograd(_grouped_linear_grad, setup_context=_grouped_linear_setup)
 
 
+def _rows_in_c(*tensors) -> bool:
+    """Float32 rows on a CPU, contiguous, outside torch.compile, with the C kernels built: the gathers
+    below run as cpu_kernels.c's r1_rows_* (one pass each, fused with the gates' product and sum)."""
+    return (not torch.compiler.is_compiling() and _plain(*tensors) and library() is not None
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
+
+
 class _PermuteRows(torch.autograd.Function):
     """rows[index // k], where `index` is a permutation of the rows' k copies and `inverse` its
     inverse (k = 1: a plain permutation). Autograd would send the gradient back through a
     scatter-add (it cannot know no row repeats); here it is the inverse gather and a sum over each
-    row's k copies, vectorised and parallel where the scatter is neither. No k-fold copy of the rows
-    is ever made."""
+    row's k copies, vectorised and parallel where the scatter is neither (one C pass on a CPU). No
+    k-fold copy of the rows is ever made."""
 
     @staticmethod
     def forward(rows, index, inverse, k: int = 1):
+        if rows.dim() == 2 and _rows_in_c(rows):
+            out = rows.new_empty(index.shape[0], rows.shape[1])
+            library().r1_rows_gather(rows.data_ptr(), index.data_ptr(), k, index.shape[0], rows.shape[1],
+                                     out.data_ptr(), torch.get_num_threads())
+            return out
         # index_select, not rows[...]: on a CPU advanced indexing is 4-5x slower for the same gather
         return rows.index_select(0, index // k if k > 1 else index)
 
@@ -153,10 +165,50 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
+        if grad.dim() == 2 and _rows_in_c(grad):
+            out = grad.new_empty(inverse.shape[0] // ctx.k, grad.shape[1])
+            library().r1_rows_combine(grad.data_ptr(), inverse.data_ptr(), None, out.shape[0], ctx.k, grad.shape[1],
+                                      out.data_ptr(), torch.get_num_threads())
+            return out, None, None, None
         grad = grad.index_select(0, inverse)
         if ctx.k > 1:
             grad = grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1)
         return grad, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """sum_j gates[t, j] * ys[inverse[t k + j]]: each token's k expert outputs (ys sorted by expert),
+    weighted by its gates, in one C pass each way (r1_rows_combine, _backward). The same as
+    _PermuteRows, a view, a product and a sum, without the k-fold intermediate either way."""
+
+    @staticmethod
+    def forward(ctx, ys, inverse, gates):
+        N, k = gates.shape
+        out = ys.new_empty(N, ys.shape[1])
+        library().r1_rows_combine(ys.data_ptr(), inverse.data_ptr(), gates.data_ptr(), N, k, ys.shape[1],
+                                  out.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(ys, inverse, gates)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        ys, inverse, gates = ctx.saved_tensors
+        dout = dout.contiguous()
+        N, k = gates.shape
+        dys, dg = torch.empty_like(ys), torch.empty_like(gates)
+        library().r1_rows_combine_backward(ys.data_ptr(), inverse.data_ptr(), gates.data_ptr(), dout.data_ptr(), N, k,
+                                           ys.shape[1], dys.data_ptr(), dg.data_ptr(), torch.get_num_threads())
+        return dys, None, dg
+
+
+def combine(ys: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Token t's output: sum_j gates[t, j] * ys[inverse[t k + j]], ys the (token, expert) pairs' outputs
+    sorted by expert (order: the sort, inverse: its inverse)."""
+    n_tokens, k = gates.shape
+    if ys.dim() == 2 and _rows_in_c(ys, gates):
+        return _Combine.apply(ys, inverse, gates)
+    ys = _PermuteRows.apply(ys, inverse, order).view(n_tokens, k, -1)  # back to token-major pairs
+    return (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
 
 class Experts(nn.Module):
@@ -191,8 +243,7 @@ class Experts(nn.Module):
             ys = _grouped_swiglu(xs, gate_up, down, counts)
         else:
             ys = self._loop(xs, counts.tolist())
-        ys = _PermuteRows.apply(ys, inverse, order).view(n_tokens, k, -1)  # back to token-major pairs
-        return (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
+        return combine(ys, inverse, order, gates)
 
     def _expert_bytes(self) -> int:
         return (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.gate_up_proj.element_size()
