@@ -757,3 +757,21 @@ def test_moe_dispatch_and_combine_in_c_equal_torch(k, monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_cross_entropy_in_c_equals_torch():
+    """cpu_kernels.cross_entropy: per-row losses and their gradient (weighted rows, as the masked mean
+    of Transformer.loss) equal F.cross_entropy's; a target outside the vocabulary is a clear error."""
+    torch.manual_seed(0)
+    for N, V in ((40, 301), (64, 512)):
+        x = (torch.randn(N, V) * 4).requires_grad_()
+        t, w = torch.randint(0, V, (N,)), torch.rand(N)
+        loss = cpu_kernels.cross_entropy(x, t)
+        ref = F.cross_entropy(x, t, reduction="none")
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        g, = torch.autograd.grad((loss * w).sum(), x)
+        g_ref, = torch.autograd.grad((ref * w).sum(), x)
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(IndexError, match=r"target ids \[512\] outside the vocabulary of 512"):
+        cpu_kernels.cross_entropy(torch.randn(64, 512), torch.full((64,), 511).index_fill_(0, torch.tensor([3]), 512))

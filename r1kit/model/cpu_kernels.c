@@ -1133,6 +1133,52 @@ void r1_rows_combine_backward(const float *y, const int64_t *idx, const float *g
     }
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * Cross-entropy per row for training (cpu_kernels.cross_entropy): loss[r] = logsumexp(x[r]) - x[r][t[r]]
+ * in one pass over the logits forward, and dx[r] = dl[r] (softmax(x[r]) - onehot(t[r])) in one pass
+ * backward, from the saved log-sum-exp. torch runs log_softmax, nll_loss and, backward, a zero fill of
+ * the logits' size, a scatter and log_softmax's backward: four passes over (N, V) floats.
+ * Returns 1 (writing nothing) when a target lies outside 0..V-1.
+ * ------------------------------------------------------------------------------------------------ */
+int r1_xent_forward(const float *x, int64_t N, int64_t V, const int64_t *t, float *loss, float *lse, int nt) {
+    for (int64_t r = 0; r < N; r++)
+        if (t[r] < 0 || t[r] >= V)
+            return 1;
+#pragma omp parallel for num_threads(nt) if (nt > 1 && N * V >= (1 << 15)) schedule(static)
+    for (int64_t r = 0; r < N; r++) {
+        const float *xr = x + r * V;
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 8 <= V; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(xr + j));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        for (int64_t i = j; i < V; i++) mx = xr[i] > mx ? xr[i] : mx;
+        __m256 m8 = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+        for (j = 0; j + 8 <= V; j += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(xr + j), m8)));
+        float sum = hsum(acc);
+        for (; j < V; j++) sum += expf(xr[j] - mx);
+        lse[r] = mx + logf(sum);
+        loss[r] = lse[r] - xr[t[r]];
+    }
+    return 0;
+}
+
+void r1_xent_backward(const float *x, int64_t N, int64_t V, const int64_t *t, const float *lse, const float *dl,
+                      float *dx, int nt) {
+#pragma omp parallel for num_threads(nt) if (nt > 1 && N * V >= (1 << 15)) schedule(static)
+    for (int64_t r = 0; r < N; r++) {
+        const float *xr = x + r * V;
+        float *dr = dx + r * V, g = dl[r];
+        __m256 l8 = _mm256_set1_ps(lse[r]), g8 = _mm256_set1_ps(g);
+        int64_t j = 0;
+        for (; j + 8 <= V; j += 8)
+            _mm256_storeu_ps(dr + j, _mm256_mul_ps(g8, exp8(_mm256_sub_ps(_mm256_loadu_ps(xr + j), l8))));
+        for (; j < V; j++) dr[j] = g * expf(xr[j] - lse[r]);
+        dr[t[r]] -= g;
+    }
+}
+
 /* Rotate one head's D rotary numbers by its row's angles (layers.Rotary.apply). Non-interleaved: the
  * halves x1 | x2 become x1 cos - x2 sin | x2 cos + x1 sin. Interleaved (DeepSeek's layout): the
  * pairs (x0, x1), (x2, x3), ... are x1, x2, and the result is written de-interleaved, evens then odds. */

@@ -206,6 +206,10 @@ def library() -> ctypes.CDLL | None:
     lib.r1_rows_combine.restype = None
     lib.r1_rows_combine_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i32]
     lib.r1_rows_combine_backward.restype = None
+    lib.r1_xent_forward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
+    lib.r1_xent_forward.restype = i32
+    lib.r1_xent_backward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.r1_xent_backward.restype = None
     lib.r1_attn_forward.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, i32]
     lib.r1_attn_forward.restype = i32
     lib.r1_attn_backward.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
@@ -1138,3 +1142,43 @@ class _Rope(torch.autograd.Function):
         library().r1_rope(d3.data_ptr(), R, H, D, H * D, D, c.data_ptr(), s.data_ptr(), c.stride(0),
                           int(ctx.interleave), 1, dx.data_ptr(), torch.get_num_threads())
         return dx.view(ctx.x_shape), None, None, None
+
+
+# ---------------------------------------------------------------------------- cross-entropy for training
+
+CROSS_ENTROPY_MIN_ELEMENTS = 1 << 12  # below, torch's ops cost no more than a call
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits, targets, reduction="none") for (N, V) float32 logits on a CPU in one C pass
+    each way (r1_xent_forward / _backward) instead of log_softmax, nll_loss and their backward (a zero fill of
+    the logits' size among them). Elsewhere F.cross_entropy itself."""
+    if (logits.numel() < CROSS_ENTROPY_MIN_ELEMENTS or not _plain(logits, targets) or torch.compiler.is_compiling()
+            or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2
+            or targets.dtype != torch.int64 or targets.shape != logits.shape[:1] or library() is None):
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    return _CrossEntropy.apply(logits, targets)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+        x, t = logits.contiguous(), targets.contiguous()
+        N, V = x.shape
+        loss, lse = torch.empty(N, dtype=torch.float32), torch.empty(N, dtype=torch.float32)
+        if library().r1_xent_forward(x.data_ptr(), N, V, t.data_ptr(), loss.data_ptr(), lse.data_ptr(),
+                                     torch.get_num_threads()):
+            bad = t[(t < 0) | (t >= V)][:5].tolist()
+            raise IndexError(f"cross_entropy: target ids {bad} outside the vocabulary of {V} logits")
+        ctx.save_for_backward(x, t, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        x, t, lse = ctx.saved_tensors
+        N, V = x.shape
+        dl = dloss.contiguous()
+        dx = torch.empty(N, V, dtype=torch.float32)
+        library().r1_xent_backward(x.data_ptr(), N, V, t.data_ptr(), lse.data_ptr(), dl.data_ptr(), dx.data_ptr(),
+                                   torch.get_num_threads())
+        return dx, None

@@ -14,7 +14,7 @@ from torch import nn
 
 from r1kit.model.attention import GQAttention, MLAttention, cache_slots
 from r1kit.model.config import ModelConfig
-from r1kit.model.cpu_kernels import decode_block, decode_stack, decode_step, linear, project
+from r1kit.model.cpu_kernels import cross_entropy, decode_block, decode_stack, decode_step, linear, project
 from r1kit.model.layers import MLP, RMSNorm, Rotary
 from r1kit.model.moe import MoE
 
@@ -222,6 +222,6 @@ class Transformer(nn.Module):
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    losses = cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
     mask = mask.reshape(-1).to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp_min(1.0)
