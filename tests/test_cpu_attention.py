@@ -130,3 +130,42 @@ def test_the_avx2_build_agrees_too(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]  # (5 when nothing ran)
     assert [f.name for f in tmp_path.iterdir() if f.suffix == ".so"][0].endswith("-avx2.so")
+
+
+@needs_kernels
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("mla", [True, False])
+def test_rotation_inside_equals_rotary_outside(interleave, mla):
+    """rope=(cos, sin, interleave): the kernel rotates the last R numbers of each query and key head
+    itself (and its gradients back); the same as layers.Rotary.apply first, then attention. MLA's form:
+    q whole, k = nope | shared rope key, k and v the halves of one tensor (kv) whose gradient is one."""
+    from r1kit.model.layers import Rotary
+
+    torch.manual_seed(0)
+    B, T, H = 2, 29, 4
+    rot = Rotary(ModelConfig.preset("tiny"), 16, interleave)
+    cos, sin = rot.cos_sin(torch.arange(T).unsqueeze(0).expand(B, T), torch.float32)
+    if mla:
+        q = torch.randn(B, T, H, 48, requires_grad=True)
+        kv = torch.randn(B, T, H, 64, requires_grad=True)
+        k_rope = torch.randn(B, T, 1, 16, requires_grad=True)
+        leaves = [q, kv, k_rope]
+        out = cpu_attention.causal_attention(q, kv[..., :32], kv[..., 32:], 0.2, k2=k_rope, rope=(cos, sin, interleave),
+                                             kv=kv)
+        q_ref = torch.cat((q[..., :32], rot.apply(q[..., 32:], cos, sin)), -1)
+        ref = _reference(q_ref[..., :32], kv[..., :32], kv[..., 32:], 0.2, q2=q_ref[..., 32:],
+                         k2=rot.apply(k_rope, cos, sin))
+    else:
+        q = torch.randn(B, T, H, 16, requires_grad=True)
+        k = torch.randn(B, T, 2, 16, requires_grad=True)
+        v = torch.randn(B, T, 2, 24, requires_grad=True)
+        leaves = [q, k, v]
+        out = cpu_attention.causal_attention(q, k, v, 0.2, rope=(cos, sin, interleave))
+        ref = _reference(rot.apply(q, cos, sin), rot.apply(k, cos, sin), v, 0.2)
+    assert out is not None
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dy)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

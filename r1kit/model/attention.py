@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.model.config import ModelConfig
+from r1kit.model import cpu_attention
 from r1kit.model.cpu_attention import causal_attention
 from r1kit.model.cpu_kernels import project
 from r1kit.model.layers import RMSNorm, Rotary, softmax_scale
@@ -107,18 +108,19 @@ class GQAttention(nn.Module):
             q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
             q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
-            q = rotary.apply(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
-            k = rotary.apply(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+            q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim)
+            if cache is None and mask is None:  # training on a CPU: rotation and attention in one kernel
+                out = causal_attention(q, k, v.view(B, T, self.n_kv_heads, self.head_dim), self.scale,
+                                       rope=(cos, sin, rotary.interleave))
+                if out is not None:
+                    return project(self.o_proj, out.view(B, T, -1))
+            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k_cache, v_cache = cache
             write_cache(k_cache, slots, k)
             write_cache(v_cache, slots, v)
             k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
-        elif mask is None:  # training on a CPU: the causal kernel takes the (B, T, heads, D) layout as it is
-            out = causal_attention(q, k, v, self.scale)
-            if out is not None:
-                return project(self.o_proj, out.view(B, T, -1))
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale, gqa=True)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
 
@@ -165,10 +167,16 @@ class MLAttention(nn.Module):
             q, kv = project(q_in, x), project(self.kv_a_proj_with_mqa, x)
         if self.q_lora_rank:
             q = project(self.q_b_proj, self.q_a_layernorm(q))
-        q_nope, q_rope = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = rotary.apply(q_rope, cos, sin)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
+        if cache is None and mask is None and cpu_attention.usable(q, T):  # training on a CPU: q whole, rotated inside
+            kv_b = project(self.kv_b_proj, c_kv).view(B, T, self.n_heads, self.nope_dim + self.v_dim)
+            out = causal_attention(q.view(B, T, self.n_heads, -1), kv_b[..., : self.nope_dim], kv_b[..., self.nope_dim:],
+                                   self.scale, k2=k_rope.unsqueeze(2), rope=(cos, sin, rotary.interleave), kv=kv_b)
+            if out is not None:
+                return project(self.o_proj, out.view(B, T, self.n_heads * self.v_dim))
+        q_nope, q_rope = q.view(B, T, self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = rotary.apply(q_rope, cos, sin)
         k_rope = rotary.apply(k_rope.unsqueeze(2), cos, sin)  # (B, T, 1, rope_dim): shared by heads
         if cache is None:
             out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
@@ -191,10 +199,6 @@ class MLAttention(nn.Module):
         T = q_nope.shape[1]
         kv = project(self.kv_b_proj, c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        if mask is None and S == T:  # training on a CPU: the parts as they are, no concatenation or padding
-            out = causal_attention(q_nope, k_nope, v, self.scale, q2=q_rope, k2=k_rope)
-            if out is not None:
-                return out
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, -1, self.n_heads, -1)), dim=-1)
         pad = q.shape[-1] - self.v_dim

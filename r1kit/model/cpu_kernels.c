@@ -821,6 +821,35 @@ static inline const float *part_row(part_t a, int64_t b, int64_t t, int64_t h, i
     return a.p + b * a.sb + t * a.st + (h / rep) * a.sh;
 }
 
+/* The rotary embedding applied inside attention (R = 0: none): the last R numbers of every query and
+ * key head are rotated by their position's angles, cos/sin (R / 2 each) at cos + b sb + t st; pairs
+ * (2i, 2i + 1) when interleaved (DeepSeek's layout), else (i, i + R / 2). Rotated in place, in their
+ * layout: q and k get the same layout, so their dot products are those of layers.Rotary (which also
+ * de-interleaves). inverse: the rotation by minus the angle (gradients back to the unrotated inputs). */
+typedef struct { const float *cos, *sin; int64_t sb, st, R; int interleave; } rope_t;
+
+static inline void rotate_row(float *restrict x, const rope_t *r, int64_t b, int64_t t, int inverse) {
+    if (!r->R)
+        return;
+    const float *restrict c = r->cos + b * r->sb + t * r->st, *restrict s = r->sin + b * r->sb + t * r->st;
+    int64_t half = r->R / 2;
+    float sg = inverse ? -1.0f : 1.0f;
+    if (r->interleave) { /* four loops without branches inside, so that the compiler vectorizes them */
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = x[2 * i], x2 = x[2 * i + 1], sn = sg * s[i];
+            x[2 * i] = x1 * c[i] - x2 * sn;
+            x[2 * i + 1] = x2 * c[i] + x1 * sn;
+        }
+    } else {
+        float *restrict x2p = x + half;
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = x[i], x2 = x2p[i], sn = sg * s[i];
+            x[i] = x1 * c[i] - x2 * sn;
+            x2p[i] = x2 * c[i] + x1 * sn;
+        }
+    }
+}
+
 /* per-thread scratch, kept between calls (a fresh buffer per call cost page faults on every step) */
 static __thread float *attn_scratch = 0;
 static __thread int64_t attn_scratch_n = 0;
@@ -836,7 +865,8 @@ static float *scratch(int64_t n) {
 
 /* the T x d rows of one head of two parts side by side (a | b, d = da + db), times `mul`, packed into
  * panels of NR columns: panel p holds columns p NR .. p NR + NR - 1 (zeros past d), T rows of NR */
-static void pack_rows(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, int64_t T, float mul, float *out) {
+static void pack_rows(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, int64_t T, float mul,
+                      const rope_t *rope, float *out) {
     int64_t d = a.d + b.d, panels = (d + NR - 1) / NR;
     for (int64_t t = 0; t < T; t++) {
         float row[NR * 8]; /* d <= 8 NR: checked by the caller */
@@ -844,20 +874,28 @@ static void pack_rows(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, in
         for (int64_t j = 0; j < a.d; j++) row[j] = ra[j] * mul;
         for (int64_t j = 0; j < b.d; j++) row[a.d + j] = rb[j] * mul;
         for (int64_t j = d; j < panels * NR; j++) row[j] = 0.0f;
+        if (rope)
+            rotate_row(row + d - rope->R, rope, bi, t, 0);
         for (int64_t p = 0; p < panels; p++) memcpy(out + (p * T + t) * NR, row + p * NR, NR * sizeof(float));
     }
 }
 
 /* the same rows transposed (d x T: the product's columns are the T positions), packed into panels of
  * NR positions: panel p, row j holds element j of positions p NR .. p NR + NR - 1 (zeros past T) */
-static void pack_cols(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, int64_t T, float *out) {
+static void pack_cols(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, int64_t T, const rope_t *rope,
+                      float *out) {
     int64_t d = a.d + b.d, panels = (T + NR - 1) / NR;
     memset(out + (panels - 1) * d * NR, 0, (size_t)(d * NR) * sizeof(float));
     for (int64_t t = 0; t < T; t++) {
+        float row[NR * 8];
         const float *ra = part_row(a, bi, t, h, rep), *rb = b.d ? part_row(b, bi, t, h, rep) : 0;
+        memcpy(row, ra, (size_t)a.d * sizeof(float));
+        if (b.d)
+            memcpy(row + a.d, rb, (size_t)b.d * sizeof(float));
+        if (rope)
+            rotate_row(row + d - rope->R, rope, bi, t, 0);
         float *col = out + (t / NR) * d * NR + t % NR;
-        for (int64_t j = 0; j < a.d; j++) col[j * NR] = ra[j];
-        for (int64_t j = 0; j < b.d; j++) col[(a.d + j) * NR] = rb[j];
+        for (int64_t j = 0; j < d; j++) col[j * NR] = row[j];
     }
 }
 
@@ -937,24 +975,34 @@ static int64_t unit_heads(part_t k1, part_t k2, part_t v, int64_t H, int64_t rep
 }
 
 /* Qs = scale q, one head's T x D rows (q1 | q2), row stride D */
-static void scaled_q(part_t q1, part_t q2, int64_t b, int64_t h, int64_t T, float scale, float *qs) {
+static void scaled_q(part_t q1, part_t q2, int64_t b, int64_t h, int64_t T, float scale, const rope_t *rope,
+                     float *qs) {
     int64_t D = q1.d + q2.d;
     for (int64_t t = 0; t < T; t++) {
         const float *a = part_row(q1, b, t, h, 1), *c = q2.d ? part_row(q2, b, t, h, 1) : 0;
         float *r = qs + t * D;
         for (int64_t j = 0; j < q1.d; j++) r[j] = a[j] * scale;
         for (int64_t j = 0; j < q2.d; j++) r[q1.d + j] = c[j] * scale;
+        rotate_row(r + D - rope->R, rope, b, t, 0);
     }
+}
+
+/* the rotary part of the call, from its arguments (R = 0: none) */
+static rope_t rope_at(const float *cos, const float *sin, const int64_t *rs) {
+    rope_t r = {cos, sin, rs[0], rs[1], rs[2], (int)rs[3]};
+    return r;
 }
 
 /* psave (nullable): where each head's P goes, (B, H, T, Tp) with Tp = T rounded up to NR, so that
  * backward reads it instead of recomputing it (cpu_attention.py decides by its size) */
-int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64_t rep, float scale, float *out,
-                    float *lse, float *psave, int nt) {
+int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64_t rep, float scale,
+                    const float *cos, const float *sin, const int64_t *rs, float *out, float *lse, float *psave,
+                    int nt) {
     part_t q1 = part_at(parts, 0), q2 = part_at(parts, 1), k1 = part_at(parts, 2), k2 = part_at(parts, 3),
            v = part_at(parts, 4);
+    rope_t rope = rope_at(cos, sin, rs);
     int64_t D = q1.d + q2.d, Dv = v.d;
-    if (D > 8 * NR || Dv > 8 * NR || k1.d != q1.d || k2.d != q2.d || H % rep)
+    if (D > 8 * NR || Dv > 8 * NR || k1.d + k2.d != D || H % rep || rope.R > D || rope.R % 2)
         return 1;
     int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
     int64_t Tp = (T + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
@@ -968,10 +1016,10 @@ int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64
             int64_t b = u / (H / U), h0 = (u % (H / U)) * U;
             for (int64_t h = h0; h < h0 + U; h++) {
                 float *s = psave ? psave + (b * H + h) * T * Tp : s0;
-                scaled_q(q1, q2, b, h, T, scale, qs);
-                pack_cols(k1, k2, b, h, rep, T, kt);
+                scaled_q(q1, q2, b, h, T, scale, &rope, qs);
+                pack_cols(k1, k2, b, h, rep, T, &rope, kt);
                 scores(qs, D, kt, T, Tp, s, lse + (b * H + h) * T, 0);
-                pack_rows(v, none, b, h, rep, T, 1.0f, vp);
+                pack_rows(v, none, b, h, rep, T, 1.0f, 0, vp);
                 causal_nn(s, T, Tp, vp, Dv, out + (b * T * H + h) * Dv, H * Dv);
             }
         }
@@ -979,12 +1027,13 @@ int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64
     return 0;
 }
 
-/* acc (T rows of parts a | b for head h, ld of the part's (B, T, heads, d) layout) = or += tmp (T x d) */
-static void put_rows(float *base, int64_t d, int64_t heads, int64_t b, int64_t T, int64_t g, const float *tmp,
-                     int64_t ldt, int add) {
+/* rows t of head g of a gradient output (element [b][t][g][j] at base + (b T + t) ldt + g ldh + j) = or +=
+ * tmp's rows (T x d, ld ldt_tmp) */
+static void put_rows(float *base, int64_t d, int64_t ldt, int64_t ldh, int64_t b, int64_t T, int64_t g,
+                     const float *tmp, int64_t ld_tmp, int add) {
     for (int64_t t = 0; t < T; t++) {
-        float *dst = base + ((b * T + t) * heads + g) * d;
-        const float *src = tmp + t * ldt;
+        float *dst = base + (b * T + t) * ldt + g * ldh;
+        const float *src = tmp + t * ld_tmp;
         if (add)
             for (int64_t j = 0; j < d; j++) dst[j] += src[j];
         else
@@ -993,16 +1042,19 @@ static void put_rows(float *base, int64_t d, int64_t heads, int64_t b, int64_t T
 }
 
 /* psave: forward's P where it kept it, else NULL (P is recomputed from q, k and lse) */
+/* ostr: the (t, head) strides of dk1, dk2 and dv, in that order (they may be views of one buffer, as
+ * MLA's k_nope | v gradient) */
 int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64_t rep, float scale,
-                     const float *out, const float *lse, const float *psave, const float *dout, float *dq,
-                     float *dk1, float *dk2, float *dv, int nt) {
+                     const float *cos, const float *sin, const int64_t *rs, const float *out, const float *lse,
+                     const float *psave, const float *dout, float *dq, float *dk1, float *dk2, float *dv,
+                     const int64_t *ostr, int nt) {
     part_t q1 = part_at(parts, 0), q2 = part_at(parts, 1), k1 = part_at(parts, 2), k2 = part_at(parts, 3),
            v = part_at(parts, 4);
+    rope_t rope = rope_at(cos, sin, rs);
     int64_t D = q1.d + q2.d, Dv = v.d;
-    if (D > 8 * NR || Dv > 8 * NR || k1.d != q1.d || k2.d != q2.d || H % rep)
+    if (D > 8 * NR || Dv > 8 * NR || k1.d + k2.d != D || H % rep || rope.R > D || rope.R % 2)
         return 1;
     int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
-    int64_t G1 = k1.sh ? H / rep : 1, G2 = k2.sh ? H / rep : 1, Gv = v.sh ? H / rep : 1;
     int64_t Tp = (T + NR - 1) / NR * NR, pD = (D + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
     int64_t W = D > Dv ? D : Dv;
     /* qs (T x D) | kt (D x Tp) | s, ds (Tp x Tp each) | kp, qp (T x pD each) | vt (Dv x Tp) | dop (T x pV)
@@ -1022,8 +1074,8 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                 if (psave) {
                     s = psave + (b * H + h) * T * Tp;
                 } else { /* P again, from the saved log-sum-exp */
-                    scaled_q(q1, q2, b, h, T, scale, qs);
-                    pack_cols(k1, k2, b, h, rep, T, kt);
+                    scaled_q(q1, q2, b, h, T, scale, &rope, qs);
+                    pack_cols(k1, k2, b, h, rep, T, &rope, kt);
                     scores(qs, D, kt, T, Tp, s0, 0, lse + (b * H + h) * T);
                 }
                 for (int64_t t = 0; t < T; t++) { /* delta = rowsum(dO O) */
@@ -1036,7 +1088,7 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                     for (; j < Dv; j++) rest += a[j] * c[j];
                     delta[t] = hsum(acc) + rest;
                 }
-                pack_cols(v, none, b, h, rep, T, vt);
+                pack_cols(v, none, b, h, rep, T, 0, vt);
                 for (int64_t m = 0; m < T; m += MR_MAX) { /* dP = dO V^T, then dS = P (dP - delta) */
                     int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
                     for (int64_t p = 0; p * NR <= last; p++)
@@ -1049,16 +1101,28 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                         for (int64_t j = 0; j <= last; j++) r[j] = pr[j] * (r[j] - dl);
                     }
                 }
-                /* dq = scale dS K: K packed by rows, times scale */
-                pack_rows(k1, k2, b, h, rep, T, scale, kp);
-                causal_nn(ds, T, Tp, kp, D, dq + (b * T * H + h) * D, H * D);
-                /* dK = dS^T (scale q) */
-                pack_rows(q1, q2, b, h, 1, T, scale, qp);
+                /* dq = scale dS K: K (rotated) packed by rows, times scale; then back through the rotation */
+                pack_rows(k1, k2, b, h, rep, T, scale, &rope, kp);
+                float *dqh = dq + (b * T * H + h) * D;
+                causal_nn(ds, T, Tp, kp, D, dqh, H * D);
+                for (int64_t t = 0; rope.R && t < T; t++) rotate_row(dqh + t * H * D + D - rope.R, &rope, b, t, 1);
+                /* dK = dS^T (scale q, rotated), back through the rotation */
+                if (psave) {
+                    pack_rows(q1, q2, b, h, 1, T, scale, &rope, qp);
+                } else { /* qs: q scaled and rotated already */
+                    for (int64_t p = 0; p * NR < D; p++)
+                        for (int64_t t = 0; t < T; t++) {
+                            int64_t n = min64(NR, D - p * NR);
+                            memcpy(qp + (p * T + t) * NR, qs + t * D + p * NR, (size_t)n * sizeof(float));
+                            for (int64_t j = n; j < NR; j++) qp[(p * T + t) * NR + j] = 0.0f;
+                        }
+                }
                 causal_tn(ds, T, Tp, qp, D, tmp, W);
+                for (int64_t t = 0; rope.R && t < T; t++) rotate_row(tmp + t * W + D - rope.R, &rope, b, t, 1);
                 int first1 = k1.sh ? h % rep == 0 : h == h0, first2 = k2.sh ? h % rep == 0 : h == h0;
-                put_rows(dk1, k1.d, G1, b, T, k1.sh ? h / rep : 0, tmp, W, !first1);
+                put_rows(dk1, k1.d, ostr[0], ostr[1], b, T, k1.sh ? h / rep : 0, tmp, W, !first1);
                 if (k2.d)
-                    put_rows(dk2, k2.d, G2, b, T, k2.sh ? h / rep : 0, tmp + k1.d, W, !first2);
+                    put_rows(dk2, k2.d, ostr[2], ostr[3], b, T, k2.sh ? h / rep : 0, tmp + k1.d, W, !first2);
                 /* dV = P^T dO */
                 for (int64_t p = 0; p * NR < Dv; p++)
                     for (int64_t t = 0; t < T; t++) {
@@ -1068,7 +1132,7 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                     }
                 causal_tn(s, T, Tp, dop, Dv, tmp, W);
                 int firstv = v.sh ? h % rep == 0 : h == h0;
-                put_rows(dv, Dv, Gv, b, T, v.sh ? h / rep : 0, tmp, W, !firstv);
+                put_rows(dv, Dv, ostr[4], ostr[5], b, T, v.sh ? h / rep : 0, tmp, W, !firstv);
             }
         }
     }
