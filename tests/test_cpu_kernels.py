@@ -775,3 +775,21 @@ def test_cross_entropy_in_c_equals_torch():
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(IndexError, match=r"target ids \[512\] outside the vocabulary of 512"):
         cpu_kernels.cross_entropy(torch.randn(64, 512), torch.full((64,), 511).index_fill_(0, torch.tensor([3]), 512))
+
+
+@needs_kernels
+def test_moe_dispatch_plan_in_c_equals_the_sorts(monkeypatch):
+    """moe.dispatch_plan by one counting pass (r1_moe_plan): the same stable order, inverse and counts as
+    argsort's, experts without tokens included; an id outside the experts is a clear error."""
+    from r1kit.model import moe
+
+    flat = torch.randint(0, 7, (301,))
+    flat[flat == 3] = 5  # expert 3 gets nothing
+    got = moe.dispatch_plan(flat, 8)
+    monkeypatch.setattr(moe, "library", lambda: None)
+    ref = moe.dispatch_plan(flat, 8)
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+    monkeypatch.undo()
+    with pytest.raises(IndexError, match="outside 0..7"):
+        moe.dispatch_plan(torch.tensor([1, 8]), 8)

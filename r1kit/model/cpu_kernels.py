@@ -210,6 +210,8 @@ def library() -> ctypes.CDLL | None:
     lib.r1_xent_forward.restype = i32
     lib.r1_xent_backward.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i32]
     lib.r1_xent_backward.restype = None
+    lib.r1_moe_plan.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    lib.r1_moe_plan.restype = i32
     lib.r1_attn_forward.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.r1_attn_forward.restype = i32
     lib.r1_attn_backward.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]

@@ -211,6 +211,25 @@ def combine(ys: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, gates:
     return (ys * gates.unsqueeze(-1).to(ys.dtype)).sum(dim=1)
 
 
+def dispatch_plan(flat: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, expert) pairs' expert ids (P,) -> order (the pairs sorted by expert, stably), inverse
+    (where each pair went: pairs are a permutation, so both ways are gathers) and counts (E,) per expert.
+    On a CPU one counting pass in C (r1_moe_plan) instead of two sorts and a histogram."""
+    if (flat.device.type == "cpu" and flat.dtype == torch.int64 and flat.is_contiguous() and _plain(flat)
+            and not torch.compiler.is_compiling() and library() is not None):
+        order, inverse = torch.empty_like(flat), torch.empty_like(flat)
+        counts = torch.empty(n_experts, dtype=torch.int64)
+        if library().r1_moe_plan(flat.data_ptr(), flat.numel(), n_experts, counts.data_ptr(), order.data_ptr(),
+                                 inverse.data_ptr()):
+            raise IndexError(f"MoE routing chose an expert outside 0..{n_experts - 1}")
+        return order, inverse, counts
+    order = flat.argsort(stable=True)
+    inverse = order.argsort()
+    # a fixed-size histogram (bincount's size depends on the data, which breaks torch.compile graphs)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+    return order, inverse, counts
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights: gate_up_proj (E, 2I, H), down_proj (E, H, I)."""
 
@@ -224,11 +243,7 @@ class Experts(nn.Module):
         flat = expert_ids.reshape(-1)
         if not torch.is_grad_enabled() and n_tokens * k * self._expert_bytes() <= _GATHER_BYTES:
             return self._gathered(x, flat, gates)
-        order = flat.argsort(stable=True)  # (token, expert) pairs grouped by expert
-        inverse = order.argsort()  # where each pair went: pairs are a permutation, so both ways are gathers
-        # a fixed-size histogram (bincount's size depends on the data, which breaks torch.compile graphs)
-        counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.long, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat))
+        order, inverse, counts = dispatch_plan(flat, self.gate_up_proj.shape[0])
         xs = _PermuteRows.apply(x, order, inverse, k)  # row p is token order[p] // k
         gate_up, down = self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(xs.device.type) and xs.is_floating_point():
