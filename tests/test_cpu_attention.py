@@ -84,17 +84,22 @@ def test_causal_attention_without_grad_and_where_it_does_not_apply():
 
 
 @needs_kernels
-@pytest.mark.parametrize("model_type", ["qwen2", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen2_fused", "deepseek_v3", "deepseek_v3_fused"])
 def test_training_step_is_the_same_with_the_kernel(model_type, monkeypatch):
     """A model's loss and gradients with attention in C equal those with SDPA (attention.py's causal
-    training path: GQA, and MLA with its two parts and the shared rope key)."""
+    training path: GQA, and MLA with its two parts and the shared rope key), also with the engine's
+    fused q|k|v weights (GRPO trains the model its engine decodes with)."""
+    from r1kit.model.fuse import prepare_for_decode
+
     torch.manual_seed(0)
-    if model_type == "deepseek_v3":
+    if model_type.startswith("deepseek_v3"):
         cfg = ModelConfig.preset("tiny", vocab_size=200)
     else:
         cfg = ModelConfig(model_type="qwen2", vocab_size=200, hidden_size=64, intermediate_size=96,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     model = Transformer(cfg).train()
+    if model_type.endswith("_fused"):
+        prepare_for_decode(model)
     ids = torch.randint(0, 200, (3, 40))
     calls = []
     real = cpu_attention.causal_attention

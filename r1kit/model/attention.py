@@ -101,21 +101,24 @@ class GQAttention(nn.Module):
 
     def forward(self, x, rotary: Rotary, cos, sin, mask=None, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
-        if self.fused is not None and self.fused.usable():  # one product, one rotation for q and k together
+        fused = self.fused is not None and self.fused.usable()  # q|k|v as one product (after fuse.py)
+        if fused:
             qk, v = self.fused(x).split([(self.n_heads + self.n_kv_heads) * self.head_dim,
                                          self.n_kv_heads * self.head_dim], dim=-1)
-            qk = rotary.apply(qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim), cos, sin)
+            qk = qk.view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
             q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
             q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
             q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim)
-            if cache is None and mask is None:  # training on a CPU: rotation and attention in one kernel
-                out = causal_attention(q, k, v.view(B, T, self.n_kv_heads, self.head_dim), self.scale,
-                                       rope=(cos, sin, rotary.interleave))
-                if out is not None:
-                    return project(self.o_proj, out.view(B, T, -1))
-            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is None and mask is None:  # training on a CPU: rotation and attention in one kernel
+            out = causal_attention(q, k, v, self.scale, rope=(cos, sin, rotary.interleave))
+            if out is not None:
+                return project(self.o_proj, out.view(B, T, -1))
+        if fused:  # one rotation for q and k together
+            q, k = rotary.apply(qk, cos, sin).split([self.n_heads, self.n_kv_heads], dim=2)
+        else:
+            q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache
             write_cache(k_cache, slots, k)

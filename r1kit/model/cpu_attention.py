@@ -31,8 +31,9 @@ MIN_LEN = 2
 # arithmetic) while they take at most this much memory per call (B x H x T x T floats). Alone, keeping them
 # made backward 1.4x faster at the tiny DeepSeek-V3's 1.2 MiB of them; inside its training step, where they
 # go out to memory and back between forward and backward, recomputing was faster (attention 1.16 -> 1.06 ms
-# per layer, fwd + bwd, two runs each): kept only while they stay near the core's caches.
-SAVE_P_BYTES = 512 << 10
+# per layer, fwd + bwd, two runs each), and on the GRPO bench's 32 x 72 buckets too (1 thread, 8.6 -> 8.0 ms);
+# on its short buckets (24 x 40, 0.7 MiB of P) keeping was faster (3.4 -> 3.0 ms): kept up to 1 MiB.
+SAVE_P_BYTES = 1 << 20
 
 
 def _heads(part: torch.Tensor, groups: int) -> int | None:

@@ -1016,10 +1016,13 @@ int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64
             int64_t b = u / (H / U), h0 = (u % (H / U)) * U;
             for (int64_t h = h0; h < h0 + U; h++) {
                 float *s = psave ? psave + (b * H + h) * T * Tp : s0;
+                int kv_new = h == h0 || h % rep == 0; /* the query heads of one KV head reuse its packs */
                 scaled_q(q1, q2, b, h, T, scale, &rope, qs);
-                pack_cols(k1, k2, b, h, rep, T, &rope, kt);
+                if (kv_new)
+                    pack_cols(k1, k2, b, h, rep, T, &rope, kt);
                 scores(qs, D, kt, T, Tp, s, lse + (b * H + h) * T, 0);
-                pack_rows(v, none, b, h, rep, T, 1.0f, 0, vp);
+                if (kv_new)
+                    pack_rows(v, none, b, h, rep, T, 1.0f, 0, vp);
                 causal_nn(s, T, Tp, vp, Dv, out + (b * T * H + h) * Dv, H * Dv);
             }
         }
@@ -1071,11 +1074,13 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
             for (int64_t h = h0; h < h0 + U; h++) {
                 const float *o = out + (b * T * H + h) * Dv, *dO = dout + (b * T * H + h) * Dv, *s = s0;
                 int64_t ldo = H * Dv;
+                int kv_new = h == h0 || h % rep == 0; /* the query heads of one KV head reuse its packs */
                 if (psave) {
                     s = psave + (b * H + h) * T * Tp;
                 } else { /* P again, from the saved log-sum-exp */
                     scaled_q(q1, q2, b, h, T, scale, &rope, qs);
-                    pack_cols(k1, k2, b, h, rep, T, &rope, kt);
+                    if (kv_new)
+                        pack_cols(k1, k2, b, h, rep, T, &rope, kt);
                     scores(qs, D, kt, T, Tp, s0, 0, lse + (b * H + h) * T);
                 }
                 for (int64_t t = 0; t < T; t++) { /* delta = rowsum(dO O) */
@@ -1088,7 +1093,8 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                     for (; j < Dv; j++) rest += a[j] * c[j];
                     delta[t] = hsum(acc) + rest;
                 }
-                pack_cols(v, none, b, h, rep, T, 0, vt);
+                if (kv_new)
+                    pack_cols(v, none, b, h, rep, T, 0, vt);
                 for (int64_t m = 0; m < T; m += MR_MAX) { /* dP = dO V^T, then dS = P (dP - delta) */
                     int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
                     for (int64_t p = 0; p * NR <= last; p++)
@@ -1102,7 +1108,8 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                     }
                 }
                 /* dq = scale dS K: K (rotated) packed by rows, times scale; then back through the rotation */
-                pack_rows(k1, k2, b, h, rep, T, scale, &rope, kp);
+                if (kv_new)
+                    pack_rows(k1, k2, b, h, rep, T, scale, &rope, kp);
                 float *dqh = dq + (b * T * H + h) * D;
                 causal_nn(ds, T, Tp, kp, D, dqh, H * D);
                 for (int64_t t = 0; rope.R && t < T; t++) rotate_row(dqh + t * H * D + D - rope.R, &rope, b, t, 1);
