@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 import torch
 
 from r1kit.train.optim import adamw
@@ -128,3 +130,22 @@ def test_bf16_parameters_step_through_float32_master_weights():
         assert (opt.state[p]["master"] != s.bfloat16().float()).float().mean() > 0.99
     moved = sum(int((p.detach() != s.bfloat16()).sum()) for p, s in zip(plain, start))
     assert moved < 0.1 * sum(s.numel() for s in start)  # plain AdamW in bf16: each update lost to rounding
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_clip_grad_norm_equals_torch(scale):
+    """optim.clip_grad_norm: torch's total norm and clipped gradients, bit for bit, whether or not the
+    norm exceeds max_norm (within it the gradients are left alone instead of multiplied by 1.0)."""
+    from r1kit.train.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 7)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    n1 = clip_grad_norm(a, 1.0)
+    n2 = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    assert torch.equal(n1, n2)
+    for p, q in zip(a, b):
+        assert torch.equal(p.grad, q.grad)

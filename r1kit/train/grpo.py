@@ -57,7 +57,7 @@ from r1kit.train.grpo_loss import (
     policy_loss,
     selective_log_softmax,
 )
-from r1kit.train.optim import adamw
+from r1kit.train.optim import adamw, clip_grad_norm
 
 # ==================================================================================== config
 
@@ -1022,7 +1022,7 @@ def _update(config, model, train_model, optimizer, scheduler, rollout: Rollout, 
                 count += 1
             if prompts is not None:
                 prompts.backward()  # the buckets' gradients, through the one prompt pass
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
             if world_size > 1:  # one rank's non-finite loss skips the step on every rank, or they drift apart
                 bad = bool(dist_.all_reduce_sum(torch.tensor([float(bad)]))[0] > 0)
             if bad or not torch.isfinite(grad_norm):

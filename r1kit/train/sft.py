@@ -34,7 +34,7 @@ from r1kit.checkpoint import atomic_write_text
 from r1kit.model import precision
 from r1kit.train import distributed as dist_
 from r1kit.train import trainer_state as ts
-from r1kit.train.optim import adamw
+from r1kit.train.optim import adamw, clip_grad_norm
 
 
 @dataclass
@@ -464,7 +464,7 @@ def train_sft(config: SFTConfig, model=None, tokenizer=None, train_samples=None,
             sums += torch.tensor([float(p.detach()) for p in parts], dtype=torch.float64)
         dist_.all_reduce_sum(sums)
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = clip_grad_norm(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         lr = scheduler.get_last_lr()[0]
