@@ -796,15 +796,16 @@ void r1_rope(const float *x, int64_t R, int64_t H, int64_t D, int64_t ldr, int64
  * each head's two query parts and of its two key parts, and values padded to the query's width, on
  * top (each with its own backward). Here one head's products are the packed tiles of the products
  * above (r1_gemm): S = Q K^T over the causal panels only, a row softmax, O = P V; backward recomputes
- * P from the saved log-sum-exp and forms dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K,
+ * P from the saved log-sum-exp (or reads forward's, psave) and forms dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K,
  * dK = dS^T Q and dV = P^T dO, the last two by tiles that read dS and P transposed.
  *
  * Operands are given as parts, each (B, T, heads, d) with unit stride along d: `parts` holds, per
  * part, {pointer, d, stride of b, stride of t, stride of a head} for q1, q2, k1, k2, v in that order
  * (q2 and k2 may be empty, d = 0: a plain head). Query head h reads key/value head h / rep of a part;
  * a head stride of 0 means one head shared by all query heads (MLA's rope key). A query head is
- * q1 | q2 and its key k1 | k2 (MLA: nope | rope). out (B, T, H, dv) and lse (B, H, T) are contiguous;
- * backward writes dq (B, T, H, d1 + d2) and dk1, dk2, dv (B, T, heads of the part, d), contiguous.
+ * q1 | q2 and its key k1 | k2, of the same size, split anywhere (MLA: q whole, k = nope | rope). out
+ * (B, T, H, dv) and lse (B, H, T) are contiguous; backward writes dq (B, T, H, d1 + d2), contiguous, and
+ * dk1, dk2, dv (B, T, heads of the part, d) at the strides it is given (ostr).
  * The heads that share a key or value head (all heads, where a part is shared) run in one thread, so
  * their gradients add up without atomics, in a fixed order.
  * ------------------------------------------------------------------------------------------------ */
@@ -834,7 +835,7 @@ static inline void rotate_row(float *restrict x, const rope_t *r, int64_t b, int
     const float *restrict c = r->cos + b * r->sb + t * r->st, *restrict s = r->sin + b * r->sb + t * r->st;
     int64_t half = r->R / 2;
     float sg = inverse ? -1.0f : 1.0f;
-    if (r->interleave) { /* four loops without branches inside, so that the compiler vectorizes them */
+    if (r->interleave) { /* loops without branches inside: the compiler vectorizes them */
         for (int64_t i = 0; i < half; i++) {
             float x1 = x[2 * i], x2 = x[2 * i + 1], sn = sg * s[i];
             x[2 * i] = x1 * c[i] - x2 * sn;
