@@ -900,9 +900,16 @@ static void pack_cols(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, in
     }
 }
 
-/* y (M x N, ld ldy) = x (M x K) @ packed (K x N in panels of NR, `rows` rows per panel, starting at
- * row k0 of each), by tiles of MR_MAX rows; transposed: x[k][m] instead of x[m][k]. Rows of the tile
- * starting at m see only K(m) = kend(m) - k0 of the packed rows (causal ranges). */
+/* T rows of d numbers (row stride ldx) packed into panels of NR columns, as pack_rows does */
+static void pack_panels(const float *x, int64_t ldx, int64_t T, int64_t d, float *out) {
+    for (int64_t p = 0; p * NR < d; p++)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t n = d - p * NR < NR ? d - p * NR : NR;
+            memcpy(out + (p * T + t) * NR, x + t * ldx + p * NR, (size_t)n * sizeof(float));
+            for (int64_t j = n; j < NR; j++) out[(p * T + t) * NR + j] = 0.0f;
+        }
+}
+
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* S = Qs K^T over the panels a tile of rows needs (columns 0 .. last row), then the softmax of each
@@ -1118,12 +1125,7 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                 if (psave) {
                     pack_rows(q1, q2, b, h, 1, T, scale, &rope, qp);
                 } else { /* qs: q scaled and rotated already */
-                    for (int64_t p = 0; p * NR < D; p++)
-                        for (int64_t t = 0; t < T; t++) {
-                            int64_t n = min64(NR, D - p * NR);
-                            memcpy(qp + (p * T + t) * NR, qs + t * D + p * NR, (size_t)n * sizeof(float));
-                            for (int64_t j = n; j < NR; j++) qp[(p * T + t) * NR + j] = 0.0f;
-                        }
+                    pack_panels(qs, D, T, D, qp);
                 }
                 causal_tn(ds, T, Tp, qp, D, tmp, W);
                 for (int64_t t = 0; rope.R && t < T; t++) rotate_row(tmp + t * W + D - rope.R, &rope, b, t, 1);
@@ -1132,12 +1134,7 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                 if (k2.d)
                     put_rows(dk2, k2.d, ostr[2], ostr[3], b, T, k2.sh ? h / rep : 0, tmp + k1.d, W, !first2);
                 /* dV = P^T dO */
-                for (int64_t p = 0; p * NR < Dv; p++)
-                    for (int64_t t = 0; t < T; t++) {
-                        int64_t n = min64(NR, Dv - p * NR);
-                        memcpy(dop + (p * T + t) * NR, dO + t * ldo + p * NR, (size_t)n * sizeof(float));
-                        for (int64_t j = n; j < NR; j++) dop[(p * T + t) * NR + j] = 0.0f;
-                    }
+                pack_panels(dO, ldo, T, Dv, dop);
                 causal_tn(s, T, Tp, dop, Dv, tmp, W);
                 int firstv = v.sh ? h % rep == 0 : h == h0;
                 put_rows(dv, Dv, ostr[4], ostr[5], b, T, v.sh ? h / rep : 0, tmp, W, !firstv);
