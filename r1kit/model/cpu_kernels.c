@@ -995,10 +995,16 @@ static void scaled_q(part_t q1, part_t q2, int64_t b, int64_t h, int64_t T, floa
     }
 }
 
-/* the rotary part of the call, from its arguments (R = 0: none) */
-static rope_t rope_at(const float *cos, const float *sin, const int64_t *rs) {
+/* A call's operands (q1, q2, k1, k2, v) and rotary part (R = 0: none) from its arguments; 1 when they do
+ * not fit the kernel (heads over 8 NR numbers, query and key heads of different sizes, H not a multiple
+ * of rep, a rotary part wider than a head or odd). */
+static int attn_args(const int64_t *parts, const float *cos, const float *sin, const int64_t *rs, int64_t H,
+                     int64_t rep, part_t p[5], rope_t *rope) {
+    for (int i = 0; i < 5; i++) p[i] = part_at(parts, i);
     rope_t r = {cos, sin, rs[0], rs[1], rs[2], (int)rs[3]};
-    return r;
+    *rope = r;
+    int64_t D = p[0].d + p[1].d;
+    return D > 8 * NR || p[4].d > 8 * NR || p[2].d + p[3].d != D || H % rep || r.R > D || r.R % 2;
 }
 
 /* psave (nullable): where each head's P goes, (B, H, T, Tp) with Tp = T rounded up to NR, so that
@@ -1006,12 +1012,12 @@ static rope_t rope_at(const float *cos, const float *sin, const int64_t *rs) {
 int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64_t rep, float scale,
                     const float *cos, const float *sin, const int64_t *rs, float *out, float *lse, float *psave,
                     int nt) {
-    part_t q1 = part_at(parts, 0), q2 = part_at(parts, 1), k1 = part_at(parts, 2), k2 = part_at(parts, 3),
-           v = part_at(parts, 4);
-    rope_t rope = rope_at(cos, sin, rs);
-    int64_t D = q1.d + q2.d, Dv = v.d;
-    if (D > 8 * NR || Dv > 8 * NR || k1.d + k2.d != D || H % rep || rope.R > D || rope.R % 2)
+    part_t p[5];
+    rope_t rope;
+    if (attn_args(parts, cos, sin, rs, H, rep, p, &rope))
         return 1;
+    part_t q1 = p[0], q2 = p[1], k1 = p[2], k2 = p[3], v = p[4];
+    int64_t D = q1.d + q2.d, Dv = v.d;
     int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
     int64_t Tp = (T + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
     int64_t need = T * D + Tp * D + Tp * Tp + T * pV;
@@ -1059,12 +1065,12 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                      const float *cos, const float *sin, const int64_t *rs, const float *out, const float *lse,
                      const float *psave, const float *dout, float *dq, float *dk1, float *dk2, float *dv,
                      const int64_t *ostr, int nt) {
-    part_t q1 = part_at(parts, 0), q2 = part_at(parts, 1), k1 = part_at(parts, 2), k2 = part_at(parts, 3),
-           v = part_at(parts, 4);
-    rope_t rope = rope_at(cos, sin, rs);
-    int64_t D = q1.d + q2.d, Dv = v.d;
-    if (D > 8 * NR || Dv > 8 * NR || k1.d + k2.d != D || H % rep || rope.R > D || rope.R % 2)
+    part_t p[5];
+    rope_t rope;
+    if (attn_args(parts, cos, sin, rs, H, rep, p, &rope))
         return 1;
+    part_t q1 = p[0], q2 = p[1], k1 = p[2], k2 = p[3], v = p[4];
+    int64_t D = q1.d + q2.d, Dv = v.d;
     int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
     int64_t Tp = (T + NR - 1) / NR * NR, pD = (D + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
     int64_t W = D > Dv ? D : Dv;
