@@ -46,6 +46,24 @@ typedef __m256 vec;
 #endif
 #define NR (3 * VW) /* columns per panel: 48 (AVX-512) or 24 (AVX2) */
 
+#if defined(__AVX512F__)
+/* the first n of a vector's 16 lanes (none for n <= 0, all for n >= 16) */
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+#endif
+
+/* y[0..n) = x[0..n): the short row copies of attention's packing (32-128 numbers), inline where a
+ * memcpy call costs as much as the copy */
+static inline void copy_floats(float *restrict y, const float *restrict x, int64_t n) {
+#if defined(__AVX512F__)
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(y + j, _mm512_loadu_ps(x + j));
+    if (j < n)
+        _mm512_mask_storeu_ps(y + j, lanes(n - j), _mm512_maskz_loadu_ps(lanes(n - j), x + j));
+#else
+    memcpy(y, x, (size_t)n * sizeof(float));
+#endif
+}
+
 /* ------------------------------------------------------------------------------------------------
  * bf16 products on AMX (Intel Xeon since Sapphire Rapids), in the build for it (cpu_kernels.py's
  * "amx"): off until r1_set_bf16(1); then r1_pack packs bf16 tiles and r1_gemm multiplies them, for
@@ -436,6 +454,18 @@ static inline void store_row(float *y, vec a0, vec a1, vec a2, int64_t nn, const
         vstore(y + 2 * VW, a2);
         return;
     }
+#if defined(__AVX512F__) /* masked stores: a narrow panel (attention's 32-wide heads) without a bounce */
+    __mmask16 m0 = lanes(nn), m1 = lanes(nn - VW), m2 = lanes(nn - 2 * VW);
+    if (bias) {
+        a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(m0, bias));
+        a1 = _mm512_add_ps(a1, _mm512_maskz_loadu_ps(m1, bias + VW));
+        a2 = _mm512_add_ps(a2, _mm512_maskz_loadu_ps(m2, bias + 2 * VW));
+    }
+    _mm512_mask_storeu_ps(y, m0, a0);
+    _mm512_mask_storeu_ps(y + VW, m1, a1);
+    _mm512_mask_storeu_ps(y + 2 * VW, m2, a2);
+    return;
+#endif
     float tmp[NR];
     vstore(tmp, a0);
     vstore(tmp + VW, a1);
@@ -572,6 +602,56 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23))));
 }
 
+/* Training's elementwise passes (SwiGLU, RMSNorm, softmax, cross-entropy) run on `vec`, the products'
+ * vector: 16 lanes in the AVX-512 builds, where 8-lane code left half of every register idle and these
+ * passes are bound by their arithmetic (exp and a division per element), else AVX2's 8. Lane for lane
+ * the same operations as exp8 and sigmoid8, so a number comes out the same at either width. */
+#if defined(__AVX512F__)
+static inline __m512 vexp(__m512 x) { /* exp8 on 16 lanes */
+    const __m512 lo = _mm512_set1_ps(-87.3f);
+    __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i n = _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127));
+    return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
+}
+static inline __m512 vsigmoid(__m512 g) { /* sigmoid8 on 16 lanes */
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 e = vexp(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(g), _mm512_set1_epi32((int)0x80000000u))));
+    __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), one, e);
+    return _mm512_div_ps(num, _mm512_add_ps(one, e));
+}
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vfmsub(a, b, c) _mm512_fmsub_ps(a, b, c)
+#define vconst(x) _mm512_set1_ps(x)
+#define vhsum(v) _mm512_reduce_add_ps(v)
+#define vhmax(v) _mm512_reduce_max_ps(v)
+#else
+#define vexp(x) exp8(x)
+#define vsigmoid(x) sigmoid8(x)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vfmsub(a, b, c) _mm256_fmsub_ps(a, b, c)
+#define vconst(x) _mm256_set1_ps(x)
+#define vhsum(v) hsum(v)
+#define vhmax(v) hmax8(v)
+#endif
+
 /* n floats, 32-byte aligned (rounded up to whole AVX2 vectors, as aligned_alloc wants) */
 static inline float *falloc(int64_t n) {
     return (float *)aligned_alloc(32, (size_t)((n + 7) / 8 * 8) * sizeof(float));
@@ -582,6 +662,12 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 
 /* sum of a[d] * b[d] over d < n, n a multiple of 8 */
@@ -648,9 +734,9 @@ void r1_swiglu_forward(const float *g, int64_t ldg, const float *u, int64_t ldu,
         const float *gr = g + m * ldg, *ur = u + m * ldu;
         float *hr = h + m * ldh;
         int64_t n = 0;
-        for (; n + 8 <= N; n += 8) {
-            __m256 gv = _mm256_loadu_ps(gr + n);
-            _mm256_storeu_ps(hr + n, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid8(gv)), _mm256_loadu_ps(ur + n)));
+        for (; n + VW <= N; n += VW) {
+            vec gv = vload(gr + n);
+            vstore(hr + n, vmul(vmul(gv, vsigmoid(gv)), vload(ur + n)));
         }
         for (; n < N; n++)
             hr[n] = gr[n] * sigmoid1(gr[n]) * ur[n];
@@ -660,18 +746,18 @@ void r1_swiglu_forward(const float *g, int64_t ldg, const float *u, int64_t ldu,
 /* Its gradient: with s = sigmoid(g), dg = dh u s (1 + g (1 - s)) and du = dh g s (torch's silu_backward). */
 void r1_swiglu_backward(const float *g, int64_t ldg, const float *u, int64_t ldu, const float *dh, int64_t lddh,
                         int64_t M, int64_t N, float *dg, int64_t lddg, float *du, int64_t lddu, int nt) {
-    const __m256 one = _mm256_set1_ps(1.0f);
+    const vec one = vconst(1.0f);
 #pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *gr = g + m * ldg, *ur = u + m * ldu, *dhr = dh + m * lddh;
         float *dgr = dg + m * lddg, *dur = du + m * lddu;
         int64_t n = 0;
-        for (; n + 8 <= N; n += 8) {
-            __m256 gv = _mm256_loadu_ps(gr + n), d = _mm256_loadu_ps(dhr + n);
-            __m256 sg = sigmoid8(gv);
-            __m256 slope = _mm256_mul_ps(sg, _mm256_fmadd_ps(gv, _mm256_sub_ps(one, sg), one));
-            _mm256_storeu_ps(dgr + n, _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(ur + n)), slope));
-            _mm256_storeu_ps(dur + n, _mm256_mul_ps(d, _mm256_mul_ps(gv, sg)));
+        for (; n + VW <= N; n += VW) {
+            vec gv = vload(gr + n), d = vload(dhr + n);
+            vec sg = vsigmoid(gv);
+            vec slope = vmul(sg, vfma(gv, vsub(one, sg), one));
+            vstore(dgr + n, vmul(vmul(d, vload(ur + n)), slope));
+            vstore(dur + n, vmul(d, vmul(gv, sg)));
         }
         for (; n < N; n++) {
             float sg = sigmoid1(gr[n]);
@@ -689,20 +775,20 @@ void r1_rms_norm_forward(const float *x, int64_t ldx, int64_t M, int64_t N, cons
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * ldx;
         float *yr = y + m * ldy;
-        __m256 a = _mm256_setzero_ps();
+        vec a = vzero();
         int64_t n = 0;
-        for (; n + 8 <= N; n += 8) {
-            __m256 t = _mm256_loadu_ps(xr + n);
-            a = _mm256_fmadd_ps(t, t, a);
+        for (; n + VW <= N; n += VW) {
+            vec t = vload(xr + n);
+            a = vfma(t, t, a);
         }
-        float ss = hsum(a);
+        float ss = vhsum(a);
         for (; n < N; n++)
             ss += xr[n] * xr[n];
         float r = 1.0f / sqrtf(ss / (float)N + eps);
         rstd[m] = r;
-        __m256 rv = _mm256_set1_ps(r);
-        for (n = 0; n + 8 <= N; n += 8)
-            _mm256_storeu_ps(yr + n, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + n), rv), _mm256_loadu_ps(w + n)));
+        vec rv = vconst(r);
+        for (n = 0; n + VW <= N; n += VW)
+            vstore(yr + n, vmul(vmul(vload(xr + n), rv), vload(w + n)));
         for (; n < N; n++)
             yr[n] = xr[n] * r * w[n];
     }
@@ -720,25 +806,25 @@ void r1_rms_norm_backward(const float *x, int64_t ldx, const float *dy, int64_t 
         for (int64_t m = 0; m < M; m++) {
             const float *xr = x + m * ldx, *dr = dy + m * lddy;
             float *dxr = dx + m * lddx, r = rstd[m];
-            __m256 rv = _mm256_set1_ps(r), a = _mm256_setzero_ps();
+            vec rv = vconst(r), a = vzero();
             int64_t n = 0;
-            for (; n + 8 <= N; n += 8) {
-                __m256 xh = _mm256_mul_ps(_mm256_loadu_ps(xr + n), rv), d = _mm256_loadu_ps(dr + n);
-                a = _mm256_fmadd_ps(_mm256_mul_ps(xh, _mm256_loadu_ps(w + n)), d, a);
-                _mm256_storeu_ps(part + n, _mm256_fmadd_ps(d, xh, _mm256_loadu_ps(part + n)));
+            for (; n + VW <= N; n += VW) {
+                vec xh = vmul(vload(xr + n), rv), d = vload(dr + n);
+                a = vfma(vmul(xh, vload(w + n)), d, a);
+                vstore(part + n, vfma(d, xh, vload(part + n)));
             }
-            float dot_ = hsum(a);
+            float dot_ = vhsum(a);
             for (; n < N; n++) {
                 float xh = xr[n] * r;
                 dot_ += xh * w[n] * dr[n];
                 part[n] += dr[n] * xh;
             }
             float c = dot_ / (float)N;
-            __m256 cv = _mm256_set1_ps(c);
-            for (n = 0; n + 8 <= N; n += 8) {
-                __m256 xh = _mm256_mul_ps(_mm256_loadu_ps(xr + n), rv);
-                __m256 g = _mm256_fmsub_ps(_mm256_loadu_ps(w + n), _mm256_loadu_ps(dr + n), _mm256_mul_ps(xh, cv));
-                _mm256_storeu_ps(dxr + n, _mm256_mul_ps(g, rv));
+            vec cv = vconst(c);
+            for (n = 0; n + VW <= N; n += VW) {
+                vec xh = vmul(vload(xr + n), rv);
+                vec g = vfmsub(vload(w + n), vload(dr + n), vmul(xh, cv));
+                vstore(dxr + n, vmul(g, rv));
             }
             for (; n < N; n++)
                 dxr[n] = r * (w[n] * dr[n] - xr[n] * r * c);
@@ -877,7 +963,7 @@ static void pack_rows(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, in
         for (int64_t j = d; j < panels * NR; j++) row[j] = 0.0f;
         if (rope)
             rotate_row(row + d - rope->R, rope, bi, t, 0);
-        for (int64_t p = 0; p < panels; p++) memcpy(out + (p * T + t) * NR, row + p * NR, NR * sizeof(float));
+        for (int64_t p = 0; p < panels; p++) copy_floats(out + (p * T + t) * NR, row + p * NR, NR);
     }
 }
 
@@ -890,9 +976,9 @@ static void pack_cols(part_t a, part_t b, int64_t bi, int64_t h, int64_t rep, in
     for (int64_t t = 0; t < T; t++) {
         float row[NR * 8];
         const float *ra = part_row(a, bi, t, h, rep), *rb = b.d ? part_row(b, bi, t, h, rep) : 0;
-        memcpy(row, ra, (size_t)a.d * sizeof(float));
+        copy_floats(row, ra, a.d);
         if (b.d)
-            memcpy(row + a.d, rb, (size_t)b.d * sizeof(float));
+            copy_floats(row + a.d, rb, b.d);
         if (rope)
             rotate_row(row + d - rope->R, rope, bi, t, 0);
         float *col = out + (t / NR) * d * NR + t % NR;
@@ -905,7 +991,7 @@ static void pack_panels(const float *x, int64_t ldx, int64_t T, int64_t d, float
     for (int64_t p = 0; p * NR < d; p++)
         for (int64_t t = 0; t < T; t++) {
             int64_t n = d - p * NR < NR ? d - p * NR : NR;
-            memcpy(out + (p * T + t) * NR, x + t * ldx + p * NR, (size_t)n * sizeof(float));
+            copy_floats(out + (p * T + t) * NR, x + t * ldx + p * NR, n);
             for (int64_t j = n; j < NR; j++) out[(p * T + t) * NR + j] = 0.0f;
         }
 }
@@ -914,41 +1000,58 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* S = Qs K^T over the panels a tile of rows needs (columns 0 .. last row), then the softmax of each
  * row over its keys 0..t: P in place, zeros past the diagonal up to the tile's end. lse[t] saved. With
- * lse_in (backward): P = exp(S - lse_in) instead. */
+ * lse_in (backward): P = exp(S - lse_in) instead. With inv (forward, P not kept): the rows are left
+ * unnormalized, exp(S - max), and inv[t] = 1 / their sum, for the caller to scale O's rows by (a pass
+ * over T x dv numbers instead of over the T x T scores). */
 static void scores(const float *qs, int64_t D, const float *kt, int64_t T, int64_t Tp, float *s, float *lse,
-                   const float *lse_in) {
+                   const float *lse_in, float *inv) {
     for (int64_t m = 0; m < T; m += MR_MAX) {
         int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
         for (int64_t p = 0; p * NR <= last; p++)
             TILES[mr](qs + m * D, D, kt + p * D * NR, D, 0, s + m * Tp + p * NR, Tp, min64(NR, T - p * NR), 0);
         for (int64_t t = m; t <= last; t++) {
             float *r = s + t * Tp;
-            int64_t n = t + 1, n8 = (n + 7) / 8 * 8, kend = m + mr;
-            for (int64_t j = n; j < n8; j++) r[j] = -INFINITY;
-            float mx, inv = 1.0f;
+            /* n: the row's keys; nv: rounded up to whole vectors (within Tp, a multiple of NR); the
+             * lanes past n read as -inf (exp: 0) */
+            int64_t n = t + 1, nv = (n + VW - 1) / VW * VW, kend = m + mr;
+#if defined(__AVX512F__)
+#define ROW_AT(j) _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes(n - (j)), r + (j))
+#else
+            for (int64_t j = n; j < nv; j++) r[j] = -INFINITY;
+#define ROW_AT(j) vload(r + (j))
+#endif
+            float mx;
             if (lse_in) {
                 mx = lse_in[t];
-            } else { /* the row's max, 8 lanes at a time (the padding holds -inf) */
-                __m256 v = _mm256_set1_ps(-INFINITY);
-                for (int64_t j = 0; j < n8; j += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(r + j));
-                __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-                mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            } else { /* the row's max, a vector at a time, two chains */
+                vec v0 = vconst(-INFINITY), v1 = v0;
+                int64_t j = 0;
+                for (; j + 2 * VW <= nv; j += 2 * VW) {
+                    v0 = vmax(v0, ROW_AT(j));
+                    v1 = vmax(v1, ROW_AT(j + VW));
+                }
+                if (j < nv)
+                    v0 = vmax(v0, ROW_AT(j));
+                mx = vhmax(vmax(v0, v1));
             }
-            __m256 vm = _mm256_set1_ps(mx), tot = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n8; j += 8) {
-                __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(r + j), vm));
-                _mm256_storeu_ps(r + j, e);
-                tot = _mm256_add_ps(tot, e);
+            vec vm = vconst(mx), tot = vzero();
+            for (int64_t j = 0; j < nv; j += VW) {
+                vec e = vexp(vsub(ROW_AT(j), vm));
+                vstore(r + j, e);
+                tot = vadd(tot, e);
             }
+#undef ROW_AT
             if (!lse_in) {
-                float sum = hsum(tot);
+                float sum = vhsum(tot);
                 lse[t] = mx + logf(sum);
-                inv = 1.0f / sum;
-                __m256 vi = _mm256_set1_ps(inv);
-                for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(r + j, _mm256_mul_ps(_mm256_loadu_ps(r + j), vi));
+                if (inv) {
+                    inv[t] = 1.0f / sum;
+                } else {
+                    vec vi = vconst(1.0f / sum);
+                    for (int64_t j = 0; j < nv; j += VW) vstore(r + j, vmul(vload(r + j), vi));
+                }
             }
-            for (int64_t j = n8; j < kend; j++) r[j] = 0.0f;
+            for (int64_t j = nv; j < kend; j++) r[j] = 0.0f;
         }
     }
 }
@@ -1020,10 +1123,10 @@ int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64
     int64_t D = q1.d + q2.d, Dv = v.d;
     int64_t U = unit_heads(k1, k2, v, H, rep), units = B * (H / U);
     int64_t Tp = (T + NR - 1) / NR * NR, pV = (Dv + NR - 1) / NR * NR;
-    int64_t need = T * D + Tp * D + Tp * Tp + T * pV;
+    int64_t need = T * D + Tp * D + Tp * Tp + T * pV + T;
 #pragma omp parallel num_threads(nt) if (nt > 1 && units > 1)
     {
-        float *qs = scratch(need), *kt = qs + T * D, *vp = kt + Tp * D, *s0 = vp + T * pV;
+        float *qs = scratch(need), *kt = qs + T * D, *vp = kt + Tp * D, *s0 = vp + T * pV, *inv = s0 + Tp * Tp;
         part_t none = {0, 0, 0, 0, 0};
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < units; u++) {
@@ -1034,10 +1137,18 @@ int r1_attn_forward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int64
                 scaled_q(q1, q2, b, h, T, scale, &rope, qs);
                 if (kv_new)
                     pack_cols(k1, k2, b, h, rep, T, &rope, kt);
-                scores(qs, D, kt, T, Tp, s, lse + (b * H + h) * T, 0);
+                scores(qs, D, kt, T, Tp, s, lse + (b * H + h) * T, 0, psave ? 0 : inv);
                 if (kv_new)
                     pack_rows(v, none, b, h, rep, T, 1.0f, 0, vp);
-                causal_nn(s, T, Tp, vp, Dv, out + (b * T * H + h) * Dv, H * Dv);
+                float *oh = out + (b * T * H + h) * Dv;
+                causal_nn(s, T, Tp, vp, Dv, oh, H * Dv);
+                for (int64_t t = 0; !psave && t < T; t++) { /* P's normalization, on O's rows */
+                    float *o = oh + t * H * Dv;
+                    vec vi = vconst(inv[t]);
+                    int64_t j = 0;
+                    for (; j + VW <= Dv; j += VW) vstore(o + j, vmul(vload(o + j), vi));
+                    for (; j < Dv; j++) o[j] *= inv[t];
+                }
             }
         }
     }
@@ -1054,7 +1165,7 @@ static void put_rows(float *base, int64_t d, int64_t ldt, int64_t ldh, int64_t b
         if (add)
             for (int64_t j = 0; j < d; j++) dst[j] += src[j];
         else
-            memcpy(dst, src, (size_t)d * sizeof(float));
+            copy_floats(dst, src, d);
     }
 }
 
@@ -1095,17 +1206,17 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                     scaled_q(q1, q2, b, h, T, scale, &rope, qs);
                     if (kv_new)
                         pack_cols(k1, k2, b, h, rep, T, &rope, kt);
-                    scores(qs, D, kt, T, Tp, s0, 0, lse + (b * H + h) * T);
+                    scores(qs, D, kt, T, Tp, s0, 0, lse + (b * H + h) * T, 0);
                 }
                 for (int64_t t = 0; t < T; t++) { /* delta = rowsum(dO O) */
                     const float *a = dO + t * ldo, *c = o + t * ldo;
-                    __m256 acc = _mm256_setzero_ps();
+                    vec acc = vzero();
                     int64_t j = 0;
-                    for (; j + 8 <= Dv; j += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(c + j), acc);
+                    for (; j + VW <= Dv; j += VW)
+                        acc = vfma(vload(a + j), vload(c + j), acc);
                     float rest = 0.0f;
                     for (; j < Dv; j++) rest += a[j] * c[j];
-                    delta[t] = hsum(acc) + rest;
+                    delta[t] = vhsum(acc) + rest;
                 }
                 if (kv_new)
                     pack_cols(v, none, b, h, rep, T, 0, vt);
@@ -1118,7 +1229,10 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                         float *r = ds + t * Tp;
                         const float *pr = s + t * Tp;
                         float dl = delta[t];
-                        for (int64_t j = 0; j <= last; j++) r[j] = pr[j] * (r[j] - dl);
+                        vec dv = vconst(dl);
+                        int64_t j = 0;
+                        for (; j + VW <= last + 1; j += VW) vstore(r + j, vmul(vload(pr + j), vsub(vload(r + j), dv)));
+                        for (; j <= last; j++) r[j] = pr[j] * (r[j] - dl);
                     }
                 }
                 /* dq = scale dS K: K (rotated) packed by rows, times scale; then back through the rotation */
@@ -1160,7 +1274,7 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
 void r1_rows_gather(const float *x, const int64_t *idx, int64_t div, int64_t P, int64_t H, float *y, int nt) {
 #pragma omp parallel for num_threads(nt) if (nt > 1 && P * H >= (1 << 14)) schedule(static)
     for (int64_t p = 0; p < P; p++)
-        memcpy(y + p * H, x + (idx[p] / div) * H, (size_t)H * sizeof(float));
+        copy_floats(y + p * H, x + (idx[p] / div) * H, H);
 }
 
 /* out[t] = sum_j g[t k + j] y[idx[t k + j]] over the k pairs of token t (g NULL: weights of 1): the
@@ -1222,16 +1336,14 @@ int r1_xent_forward(const float *x, int64_t N, int64_t V, const int64_t *t, floa
 #pragma omp parallel for num_threads(nt) if (nt > 1 && N * V >= (1 << 15)) schedule(static)
     for (int64_t r = 0; r < N; r++) {
         const float *xr = x + r * V;
-        __m256 vm = _mm256_set1_ps(-INFINITY);
+        vec vm = vconst(-INFINITY);
         int64_t j = 0;
-        for (; j + 8 <= V; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(xr + j));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        float mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        for (; j + VW <= V; j += VW) vm = vmax(vm, vload(xr + j));
+        float mx = vhmax(vm);
         for (int64_t i = j; i < V; i++) mx = xr[i] > mx ? xr[i] : mx;
-        __m256 m8 = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
-        for (j = 0; j + 8 <= V; j += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(xr + j), m8)));
-        float sum = hsum(acc);
+        vec m8 = vconst(mx), acc = vzero();
+        for (j = 0; j + VW <= V; j += VW) acc = vadd(acc, vexp(vsub(vload(xr + j), m8)));
+        float sum = vhsum(acc);
         for (; j < V; j++) sum += expf(xr[j] - mx);
         lse[r] = mx + logf(sum);
         loss[r] = lse[r] - xr[t[r]];
@@ -1245,10 +1357,10 @@ void r1_xent_backward(const float *x, int64_t N, int64_t V, const int64_t *t, co
     for (int64_t r = 0; r < N; r++) {
         const float *xr = x + r * V;
         float *dr = dx + r * V, g = dl[r];
-        __m256 l8 = _mm256_set1_ps(lse[r]), g8 = _mm256_set1_ps(g);
+        vec l8 = vconst(lse[r]), g8 = vconst(g);
         int64_t j = 0;
-        for (; j + 8 <= V; j += 8)
-            _mm256_storeu_ps(dr + j, _mm256_mul_ps(g8, exp8(_mm256_sub_ps(_mm256_loadu_ps(xr + j), l8))));
+        for (; j + VW <= V; j += VW)
+            vstore(dr + j, vmul(g8, vexp(vsub(vload(xr + j), l8))));
         for (; j < V; j++) dr[j] = g * expf(xr[j] - lse[r]);
         dr[t[r]] -= g;
     }
