@@ -222,8 +222,15 @@ def _dense_moe_reference(moe: MoE, x):
     return (out + moe.shared_experts(flat)).view_as(x)
 
 
+@pytest.mark.parametrize("experts_in_c", [True, False])  # _ExpertsFFN (float32 on a CPU), torch's kernels
 @pytest.mark.parametrize("moe_intermediate_size", [96, 6])  # grouped GEMM kernel, per-expert loop
-def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
+def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size, experts_in_c, monkeypatch):
+    import r1kit.model.moe as moe_mod
+
+    if not experts_in_c:
+        monkeypatch.setattr(moe_mod, "_experts_in_c", lambda *a: False)
+    elif not moe_mod._experts_in_c(torch.zeros(1, 8), torch.zeros(2, 4, 8), torch.zeros(2, 8, 2)):
+        pytest.skip("no C kernels, or no BLAS in torch to give them")
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", routed_scaling_factor=2.5, moe_intermediate_size=moe_intermediate_size)
     moe = Transformer(cfg).model.layers[1].mlp.eval()
@@ -237,6 +244,38 @@ def test_grouped_moe_dispatch_equals_dense_reference(moe_intermediate_size):
     dy = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, wrt, dy), torch.autograd.grad(ref, wrt, dy)):
         assert (a - b).abs().max().item() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_experts_ffn_in_c_equals_each_experts_swiglu(threads):
+    """moe._ExpertsFFN (r1_experts_forward / _backward: a thread per expert, MKL's sgemm inside): every
+    expert's SwiGLU on its rows and every gradient, odd sizes, an expert without rows (zero gradients)."""
+    import r1kit.model.moe as moe_mod
+
+    torch.manual_seed(0)
+    E, H, I = 5, 20, 7
+    counts = torch.tensor([6, 0, 13, 1, 9])
+    xs = torch.randn(int(counts.sum()), H, requires_grad=True)
+    gate_up = torch.randn(E, 2 * I, H, requires_grad=True)
+    down = torch.randn(E, H, I, requires_grad=True)
+    if not moe_mod._experts_in_c(xs, gate_up, down):
+        pytest.skip("no C kernels, or no BLAS in torch to give them")
+    rows = [0, *counts.cumsum(0).tolist()]
+    ref = torch.cat([torch.nn.functional.linear(
+        torch.nn.functional.silu(g) * u, down[e]) for e in range(E)
+        for g, u in [torch.nn.functional.linear(xs[rows[e]:rows[e + 1]], gate_up[e]).chunk(2, -1)]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ys = moe_mod._ExpertsFFN.apply(xs, gate_up, down, counts)
+        dy = torch.randn_like(ys)
+        grads = torch.autograd.grad(ys, (xs, gate_up, down), dy)
+    finally:
+        torch.set_num_threads(before)
+    assert (ys - ref).abs().max().item() < 1e-4
+    for a, b in zip(grads, torch.autograd.grad(ref, (xs, gate_up, down), dy)):
+        assert (a - b).abs().max().item() < 1e-4 * max(1.0, b.abs().max().item())
+    assert not grads[1][1].any() and not grads[2][1].any()  # the expert without rows
 
 
 def test_moe_under_bf16_autocast_runs_grouped_and_trains_float32_weights(monkeypatch):

@@ -18,6 +18,8 @@ than MAX_LEN, no compiled kernels) `causal_attention` returns None and the calle
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from r1kit.model.cpu_kernels import _plain, library
@@ -94,26 +96,31 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                                   None if kv is None else dk)
 
 
-def _describe(q, q2, k, k2, v) -> tuple[torch.Tensor, int]:
+def _int64s(*values) -> ctypes.Array:
+    """A C array of int64 (a small argument block: building a torch tensor for it cost more)."""
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _describe(q, q2, k, k2, v) -> tuple[ctypes.Array, int]:
     """The parts' {pointer, d, stride of b, of t, of a head} rows (cpu_kernels.c's layout) and rep, the
     query heads per key/value head."""
     H, groups = q.shape[2], k.shape[2]
     rows = []
     for t, shared_ok in ((q, False), (q2, False), (k, True), (k2, True), (v, True)):
         if t is None:
-            rows.append([0, 0, 0, 0, 0])
+            rows += (0, 0, 0, 0, 0)
             continue
         head = _heads(t, groups) if shared_ok else t.stride(2)
-        rows.append([t.data_ptr(), t.shape[-1], t.stride(0), t.stride(1), head])
-    return torch.tensor(rows, dtype=torch.int64), H // groups
+        rows += (t.data_ptr(), t.shape[-1], t.stride(0), t.stride(1), head)
+    return _int64s(*rows), H // groups
 
 
 def _rope_args(cos, sin, interleave):
     """cpu_kernels.c's rotary arguments: pointers and {stride of b, of t, R, interleave}"""
     if cos is None:
-        return None, None, torch.zeros(4, dtype=torch.int64)
+        return None, None, _int64s(0, 0, 0, 0)
     sb = cos.stride(0) if cos.shape[0] > 1 else 0
-    return cos.data_ptr(), sin.data_ptr(), torch.tensor([sb, cos.stride(1), 2 * cos.shape[-1], int(interleave)])
+    return cos.data_ptr(), sin.data_ptr(), _int64s(sb, cos.stride(1), 2 * cos.shape[-1], int(interleave))
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -129,7 +136,7 @@ class _CausalAttention(torch.autograd.Function):
         keep = any(ctx.needs_input_grad) and B * H * T * Tp * 4 <= SAVE_P_BYTES  # (grad mode is off in here)
         p = torch.empty(B, H, T, Tp, dtype=torch.float32) if keep else None
         c, s, rs = _rope_args(cos, sin, interleave)
-        if lib.r1_attn_forward(desc.data_ptr(), B, T, H, rep, scale, c, s, rs.data_ptr(), out.data_ptr(),
+        if lib.r1_attn_forward(ctypes.addressof(desc), B, T, H, rep, scale, c, s, ctypes.addressof(rs), out.data_ptr(),
                                lse.data_ptr(), 0 if p is None else p.data_ptr(), torch.get_num_threads()):
             raise ValueError(f"causal_attention: unsupported head sizes q {tuple(q.shape)}, v {tuple(vv.shape)}")
         ctx.save_for_backward(q, q2, k, k2, v, cos, sin, out, lse, p)
@@ -153,13 +160,13 @@ class _CausalAttention(torch.autograd.Function):
         else:
             dk = torch.empty(B, T, kk.shape[2], kk.shape[-1], dtype=torch.float32)
             dv = torch.empty(B, T, vv.shape[2], vv.shape[-1], dtype=torch.float32)
-        strides = torch.tensor([dk.stride(1), dk.stride(2), 0 if dk2 is None else dk2.stride(1),
-                                0 if dk2 is None else dk2.stride(2), dv.stride(1), dv.stride(2)])
+        strides = _int64s(dk.stride(1), dk.stride(2), 0 if dk2 is None else dk2.stride(1),
+                          0 if dk2 is None else dk2.stride(2), dv.stride(1), dv.stride(2))
         c, s, rs = _rope_args(cos, sin, ctx.interleave)
-        library().r1_attn_backward(desc.data_ptr(), B, T, H, rep, ctx.scale, c, s, rs.data_ptr(), out.data_ptr(),
+        library().r1_attn_backward(ctypes.addressof(desc), B, T, H, rep, ctx.scale, c, s, ctypes.addressof(rs), out.data_ptr(),
                                    lse.data_ptr(), 0 if p is None else p.data_ptr(), dout.data_ptr(), dq.data_ptr(),
                                    dk.data_ptr(), 0 if dk2 is None else dk2.data_ptr(), dv.data_ptr(),
-                                   strides.data_ptr(), torch.get_num_threads())
+                                   ctypes.addressof(strides), torch.get_num_threads())
         dq1, dq2 = (dq, None) if q2 is None else (dq[..., :d1], dq[..., d1:])
         if split is not None:
             return dq1, dq2, dkv, dk2, None, None, None, None, None, None

@@ -238,8 +238,34 @@ def library() -> ctypes.CDLL | None:
     lib.r1_dense_decode_step.restype = i32
     lib.r1_mla_decode_step.argtypes = [ptr, i64, ptr, ptr, f32, f32, f32, i64, i32]
     lib.r1_mla_decode_step.restype = i32
+    lib.r1_set_blas.argtypes = [ptr, ptr]
+    lib.r1_set_blas.restype = i32
+    lib.r1_experts_forward.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.r1_experts_forward.restype = None
+    lib.r1_experts_backward.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.r1_experts_backward.restype = None
+    lib.blas = bool(lib.r1_set_blas(*_torch_blas()))  # the MoE experts' products (moe.py's _ExpertsFFN)
     _LIB = lib
     return lib
+
+
+def _torch_blas() -> tuple[int | None, int | None]:
+    """The addresses of sgemm_ and MKL_Set_Num_Threads_Local in torch's own library (its x86 Linux wheels
+    link MKL in and export them), or (None, None): torch's products are then used. MKL only: inside our
+    threads it must run single-threaded, which MKL_Set_Num_Threads_Local makes sure of."""
+    if os.environ.get("R1KIT_CPU_BLAS", "1") == "0":
+        return None, None
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        path = Path(torch.__file__).parent / "lib" / name
+        if not path.exists():
+            continue
+        try:
+            blas = ctypes.CDLL(str(path))
+            sgemm, local = blas.sgemm_, blas.MKL_Set_Num_Threads_Local  # C call: by value
+        except (OSError, AttributeError):
+            return None, None
+        return ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(local, ctypes.c_void_p).value
+    return None, None
 
 
 def packed_size(N: int, K: int) -> int:

@@ -201,6 +201,45 @@ class _Combine(torch.autograd.Function):
         return dys, None, dg
 
 
+def _experts_in_c(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Float32 on a CPU with r1kit's kernels and a BLAS to hand them (cpu_kernels._torch_blas): the routed
+    experts run as _ExpertsFFN."""
+    lib = library()
+    return (lib is not None and lib.blas and _rows_in_c(xs, gate_up, down)
+            and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1] == xs.shape[1])
+
+
+class _ExpertsFFN(torch.autograd.Function):
+    """Every expert's SwiGLU on its run of rows of xs (sorted by expert, counts[e] rows each): one C call
+    forward (r1_experts_forward) and one backward. A thread takes whole experts and runs each one's two
+    products and SwiGLU back to back on rows still in its cache; torch's path was a grouped product, a
+    SwiGLU and a grouped product, each splitting every expert's product between the threads (and four
+    grouped products and the SwiGLU's backward for the gradients). Same arithmetic, MKL's sgemm."""
+
+    @staticmethod
+    def forward(ctx, xs, gate_up, down, counts):
+        P, H = xs.shape
+        E, I = down.shape[0], down.shape[2]
+        gu, h, ys = xs.new_empty(P, 2 * I), xs.new_empty(P, I), xs.new_empty(P, H)
+        library().r1_experts_forward(xs.data_ptr(), counts.data_ptr(), E, H, I, gate_up.data_ptr(), down.data_ptr(),
+                                     gu.data_ptr(), h.data_ptr(), ys.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(xs, gate_up, down, counts, gu, h)
+        return ys
+
+    @staticmethod
+    def backward(ctx, dys):
+        xs, gate_up, down, counts, gu, h = ctx.saved_tensors
+        dys = dys.contiguous()
+        P, H = xs.shape
+        E, I = down.shape[0], down.shape[2]
+        dx, dgate_up, ddown = torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
+        dh, dgu = xs.new_empty(P, I), xs.new_empty(P, 2 * I)  # scratch
+        library().r1_experts_backward(xs.data_ptr(), counts.data_ptr(), E, H, I, gate_up.data_ptr(), down.data_ptr(),
+                                      gu.data_ptr(), h.data_ptr(), dys.data_ptr(), dh.data_ptr(), dgu.data_ptr(),
+                                      dx.data_ptr(), dgate_up.data_ptr(), ddown.data_ptr(), torch.get_num_threads())
+        return dx, dgate_up, ddown, None
+
+
 def combine(ys: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Token t's output: sum_j gates[t, j] * ys[inverse[t k + j]], ys the (token, expert) pairs' outputs
     sorted by expert (order: the sort, inverse: its inverse)."""
@@ -254,6 +293,8 @@ class Experts(nn.Module):
         if precision.grouped_active(xs, gate_up):  # bf16 products on AMX (precision.bf16_matmuls)
             offsets = F.pad(counts.cumsum(0), (1, 0))
             ys = precision.grouped_linear(swiglu(precision.grouped_linear(xs, gate_up, offsets)), down, offsets)
+        elif _experts_in_c(xs, gate_up, down):  # float32 on a CPU: each expert's whole FFN in one thread
+            ys = _ExpertsFFN.apply(xs, gate_up, down, counts)
         elif self._can_group(xs):
             ys = _grouped_swiglu(xs, gate_up, down, counts)
         else:
@@ -341,6 +382,6 @@ class MoE(nn.Module):
         load = self.expert_load
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(load)
-        if self.gate.use_bias and load.sum() > 0:
-            self.gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        if self.gate.use_bias:  # no load (no tokens since the last update): every sign is 0, nothing moves
+            self.gate.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=gamma)
         load.zero_()

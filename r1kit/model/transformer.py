@@ -212,7 +212,8 @@ class Transformer(nn.Module):
         return out
 
     def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+        # the blocks' MLPs, not a walk of every module: this runs twice per training step
+        return [blk.mlp for blk in (*self.model.layers, *self.mtp) if isinstance(blk.mlp, MoE)]
 
     def update_router_bias(self, gamma: float | None = None) -> None:
         """Auxiliary-loss-free balancing step; call after each optimizer step (no-op when dense)."""
