@@ -278,6 +278,26 @@ def test_experts_ffn_in_c_equals_each_experts_swiglu(threads):
     assert not grads[1][1].any() and not grads[2][1].any()  # the expert without rows
 
 
+def test_experts_ffn_op_compiles_in_one_graph_with_the_eager_gradients():
+    """Under torch.compile the experts' C calls run as the op r1kit::experts_ffn (and its backward op)."""
+    import r1kit.model.moe as moe_mod
+
+    torch.manual_seed(0)
+    E, H, I = 4, 16, 6
+    counts = torch.tensor([5, 0, 9, 3])
+    xs = torch.randn(int(counts.sum()), H, requires_grad=True)
+    gate_up, down = torch.randn(E, 2 * I, H, requires_grad=True), torch.randn(E, H, I, requires_grad=True)
+    if not moe_mod._experts_in_c(xs, gate_up, down):
+        pytest.skip("no C kernels, or no BLAS in torch to give them")
+    eager = moe_mod._ExpertsFFN.apply(xs, gate_up, down, counts)
+    compiled = torch.compile(lambda *a: moe_mod.experts_ffn(*a)[0], fullgraph=True)(xs, gate_up, down, counts)
+    assert torch.equal(eager, compiled)
+    dy = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(eager, (xs, gate_up, down), dy),
+                    torch.autograd.grad(compiled, (xs, gate_up, down), dy)):
+        assert torch.equal(a, b)
+
+
 def test_moe_under_bf16_autocast_runs_grouped_and_trains_float32_weights(monkeypatch):
     """SFT's mixed precision (bf16 autocast, float32 master weights): grouped_mm is not on autocast's
     list, so the experts cast as autocast would and still take the grouped kernel, not the loop."""

@@ -209,35 +209,95 @@ def _experts_in_c(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -
             and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1] == xs.shape[1])
 
 
+def _experts_forward_c(xs, gate_up, down, counts):
+    """ys (P, H) and what backward reads (gu = xs W1^T (P, 2I), h = silu(g) u (P, I)): r1_experts_forward."""
+    P, H = xs.shape
+    E, I = down.shape[0], down.shape[2]
+    gu, h, ys = xs.new_empty(P, 2 * I), xs.new_empty(P, I), xs.new_empty(P, H)
+    library().r1_experts_forward(xs.data_ptr(), counts.data_ptr(), E, H, I, gate_up.data_ptr(), down.data_ptr(),
+                                 gu.data_ptr(), h.data_ptr(), ys.data_ptr(), torch.get_num_threads())
+    return ys, gu, h
+
+
+def _experts_backward_c(dys, xs, gate_up, down, counts, gu, h):
+    """(dxs, dgate_up, ddown) from dys: r1_experts_backward."""
+    dys = dys.contiguous()
+    P, H = xs.shape
+    E, I = down.shape[0], down.shape[2]
+    dx, dgate_up, ddown = torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
+    dh, dgu = xs.new_empty(P, I), xs.new_empty(P, 2 * I)  # scratch
+    library().r1_experts_backward(xs.data_ptr(), counts.data_ptr(), E, H, I, gate_up.data_ptr(), down.data_ptr(),
+                                  gu.data_ptr(), h.data_ptr(), dys.data_ptr(), dh.data_ptr(), dgu.data_ptr(),
+                                  dx.data_ptr(), dgate_up.data_ptr(), ddown.data_ptr(), torch.get_num_threads())
+    return dx, dgate_up, ddown
+
+
+def _experts_compiled_in_c(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """_experts_in_c's test inside a graph being traced: float32 CPU tensors and the kernel built."""
+    return (_experts_kernel_built() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (xs, gate_up, down))
+            and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1] == xs.shape[1])
+
+
 class _ExpertsFFN(torch.autograd.Function):
     """Every expert's SwiGLU on its run of rows of xs (sorted by expert, counts[e] rows each): one C call
     forward (r1_experts_forward) and one backward. A thread takes whole experts and runs each one's two
     products and SwiGLU back to back on rows still in its cache; torch's path was a grouped product, a
     SwiGLU and a grouped product, each splitting every expert's product between the threads (and four
-    grouped products and the SwiGLU's backward for the gradients). Same arithmetic, MKL's sgemm."""
+    grouped products and the SwiGLU's backward for the gradients). Same arithmetic, MKL's sgemm.
+    Under torch.compile the same C calls run as the op r1kit::experts_ffn (below)."""
 
     @staticmethod
     def forward(ctx, xs, gate_up, down, counts):
-        P, H = xs.shape
-        E, I = down.shape[0], down.shape[2]
-        gu, h, ys = xs.new_empty(P, 2 * I), xs.new_empty(P, I), xs.new_empty(P, H)
-        library().r1_experts_forward(xs.data_ptr(), counts.data_ptr(), E, H, I, gate_up.data_ptr(), down.data_ptr(),
-                                     gu.data_ptr(), h.data_ptr(), ys.data_ptr(), torch.get_num_threads())
+        ys, gu, h = _experts_forward_c(xs, gate_up, down, counts)
         ctx.save_for_backward(xs, gate_up, down, counts, gu, h)
         return ys
 
     @staticmethod
     def backward(ctx, dys):
-        xs, gate_up, down, counts, gu, h = ctx.saved_tensors
-        dys = dys.contiguous()
-        P, H = xs.shape
-        E, I = down.shape[0], down.shape[2]
-        dx, dgate_up, ddown = torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
-        dh, dgu = xs.new_empty(P, I), xs.new_empty(P, 2 * I)  # scratch
-        library().r1_experts_backward(xs.data_ptr(), counts.data_ptr(), E, H, I, gate_up.data_ptr(), down.data_ptr(),
-                                      gu.data_ptr(), h.data_ptr(), dys.data_ptr(), dh.data_ptr(), dgu.data_ptr(),
-                                      dx.data_ptr(), dgate_up.data_ptr(), ddown.data_ptr(), torch.get_num_threads())
-        return dx, dgate_up, ddown, None
+        return (*_experts_backward_c(dys, *ctx.saved_tensors), None)
+
+
+@torch.compiler.assume_constant_result  # decided once, at trace time
+def _experts_kernel_built() -> bool:
+    lib = library()
+    return lib is not None and bool(lib.blas)
+
+
+# _ExpertsFFN as an opaque op with its own backward, for torch.compile: it returns gu and h as well,
+# which its backward reads (an op keeps nothing between forward and backward but its outputs).
+@torch.library.custom_op("r1kit::experts_ffn", mutates_args=())
+def experts_ffn(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _experts_forward_c(xs.contiguous(), gate_up.contiguous(), down.contiguous(), counts.contiguous())
+
+
+@experts_ffn.register_fake
+def _(xs, gate_up, down, counts):
+    I = down.shape[2]
+    return xs.new_empty(xs.shape), xs.new_empty(xs.shape[0], 2 * I), xs.new_empty(xs.shape[0], I)
+
+
+@torch.library.custom_op("r1kit::experts_ffn_backward", mutates_args=())
+def experts_ffn_backward(dys: torch.Tensor, xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                         counts: torch.Tensor, gu: torch.Tensor,
+                         h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _experts_backward_c(dys, *(t.contiguous() for t in (xs, gate_up, down, counts, gu, h)))
+
+
+@experts_ffn_backward.register_fake
+def _(dys, xs, gate_up, down, counts, gu, h):
+    return torch.empty_like(xs), torch.empty_like(gate_up), torch.empty_like(down)
+
+
+def _experts_ffn_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1], output[2])
+
+
+def _experts_ffn_grad(ctx, dys, _dgu, _dh):
+    return (*experts_ffn_backward(dys, *ctx.saved_tensors), None)
+
+
+experts_ffn.register_autograd(_experts_ffn_grad, setup_context=_experts_ffn_setup)
 
 
 def combine(ys: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -295,6 +355,8 @@ class Experts(nn.Module):
             ys = precision.grouped_linear(swiglu(precision.grouped_linear(xs, gate_up, offsets)), down, offsets)
         elif _experts_in_c(xs, gate_up, down):  # float32 on a CPU: each expert's whole FFN in one thread
             ys = _ExpertsFFN.apply(xs, gate_up, down, counts)
+        elif torch.compiler.is_compiling() and _experts_compiled_in_c(xs, gate_up, down):
+            ys = experts_ffn(xs, gate_up, down, counts)[0]
         elif self._can_group(xs):
             ys = _grouped_swiglu(xs, gate_up, down, counts)
         else:
