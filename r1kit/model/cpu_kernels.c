@@ -581,23 +581,27 @@ void r1_gemm(const float *x, int64_t M, int64_t K, int64_t ldx, const float *pac
  * the model's torch code (model/layers.py, attention.py, moe.py), in the same order.
  * ------------------------------------------------------------------------------------------------ */
 
+/* Cephes' expf polynomial once for both widths (P: the intrinsics' prefix, _mm256 or _mm512): x - fx ln 2
+ * in two parts, then the polynomial y of the remainder; the caller scales y by 2^fx. */
+#define EXP_POLY(P, x, fx, y)                                                             \
+    x = P##_fnmadd_ps(fx, P##_set1_ps(0.693359375f), x);                                  \
+    x = P##_fnmadd_ps(fx, P##_set1_ps(-2.12194440e-4f), x);                               \
+    y = P##_fmadd_ps(P##_set1_ps(1.9875691500E-4f), x, P##_set1_ps(1.3981999507E-3f));    \
+    y = P##_fmadd_ps(y, x, P##_set1_ps(8.3334519073E-3f));                                \
+    y = P##_fmadd_ps(y, x, P##_set1_ps(4.1665795894E-2f));                                \
+    y = P##_fmadd_ps(y, x, P##_set1_ps(1.6666665459E-1f));                                \
+    y = P##_fmadd_ps(y, x, P##_set1_ps(5.0000001201E-1f));                                \
+    y = P##_fmadd_ps(y, P##_mul_ps(x, x), P##_add_ps(x, P##_set1_ps(1.0f)))
+
 /* exp of 8 floats, for x <= 0 (softmax after subtracting the max, SiLU's exp(-|x|)): Cephes'
  * expf polynomial; below -87.3 (exp underflows float) the result is exactly 0. */
 static inline __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f);
-    __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+    __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ), y;
     x = _mm256_max_ps(x, lo);
     __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    EXP_POLY(_mm256, x, fx, y);
     __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127));
     return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23))));
 }
@@ -612,16 +616,8 @@ static inline __m512 vexp(__m512 x) { /* exp8 on 16 lanes */
     __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
     x = _mm512_max_ps(x, lo);
     __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), y;
+    EXP_POLY(_mm512, x, fx, y);
     __m512i n = _mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127));
     return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(_mm512_slli_epi32(n, 23)));
 }
