@@ -55,8 +55,11 @@ its update 0.143 -> 0.137 s; the 25M model's and the 128-wide training step with
 step 0.236 -> 0.219 s, update 0.153 -> 0.139 s; the 128-wide training step, two threads: 1.03x
 DeepSeek-V3, 1.05x Qwen2); `cross_entropy`, the LM loss per row in one pass each way (768 x 512 logits:
 525 -> 294 us forward and backward); the MoE's gathers (moe.py: r1_rows_gather, r1_rows_combine with the
-gates' product and sum, and r1_moe_plan, a counting sort for the dispatch); and training's causal
-attention (r1_attn_forward / _backward, whose autograd function is cpu_attention.py).
+gates' product and sum, and r1_moe_plan, a counting sort for the dispatch); the MoE's routed experts,
+each one's SwiGLU FFN in one thread with torch's own MKL sgemm (r1_experts_forward / _backward, moe.py's
+_ExpertsFFN; `_torch_blas` finds sgemm, `R1KIT_CPU_BLAS=0` leaves the experts on torch's grouped
+products); and training's causal attention (r1_attn_forward / _backward, whose autograd function is
+cpu_attention.py).
 
 The C source is compiled with the system C compiler on first use (about a second) into
 `$R1KIT_CACHE` (default ~/.cache/r1kit), for AVX-512 where torch finds it (panels of 48 columns,

@@ -15,7 +15,8 @@ projection; under torch.compile each runs as the custom op r1kit::grouped_linear
 backward, so a compiled forward and backward stay one graph). The pairs are a permutation of the
 tokens' k copies, so dispatch and combine are gathers both ways (_PermuteRows). Within
 precision.bf16_matmuls on an AMX CPU the grouped products run in bf16 on r1kit's kernels instead
-(precision.grouped_linear). When decoding a few tokens without grad, each (token, expert) pair
+(precision.grouped_linear); in float32 on a CPU each expert's whole SwiGLU runs in one thread, in one
+C call for all experts each way (_ExpertsFFN; compiled, the op r1kit::experts_ffn). When decoding a few tokens without grad, each (token, expert) pair
 instead gathers its expert's weights into one batched product: fewer kernels, fixed shapes.
 """
 from __future__ import annotations
@@ -201,12 +202,15 @@ class _Combine(torch.autograd.Function):
         return dys, None, dg
 
 
+def _experts_shaped(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    return gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1] == xs.shape[1]
+
+
 def _experts_in_c(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """Float32 on a CPU with r1kit's kernels and a BLAS to hand them (cpu_kernels._torch_blas): the routed
     experts run as _ExpertsFFN."""
     lib = library()
-    return (lib is not None and lib.blas and _rows_in_c(xs, gate_up, down)
-            and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1] == xs.shape[1])
+    return lib is not None and lib.blas and _rows_in_c(xs, gate_up, down) and _experts_shaped(xs, gate_up, down)
 
 
 def _experts_forward_c(xs, gate_up, down, counts):
@@ -235,7 +239,7 @@ def _experts_backward_c(dys, xs, gate_up, down, counts, gu, h):
 def _experts_compiled_in_c(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
     """_experts_in_c's test inside a graph being traced: float32 CPU tensors and the kernel built."""
     return (_experts_kernel_built() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (xs, gate_up, down))
-            and gate_up.shape[1] == 2 * down.shape[2] and gate_up.shape[2] == down.shape[1] == xs.shape[1])
+            and _experts_shaped(xs, gate_up, down))
 
 
 class _ExpertsFFN(torch.autograd.Function):
