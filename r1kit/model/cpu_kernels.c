@@ -475,24 +475,30 @@ static inline void store_row(float *y, vec a0, vec a1, vec a2, int64_t nn, const
 }
 
 /* y[0..MR) x [0..nn) = x[0..MR) @ panel (+ bias), for MR = 1..MR_MAX rows: the accumulators are
- * named registers (an array would be kept in memory), rows past MR are never touched. */
+ * named registers (an array would be kept in memory), rows past MR are never touched. V (1-3): the
+ * panel's vectors multiplied, nn <= V VW; attention's narrow products (heads of 32, the causal edge of
+ * a score row) skip the vectors they do not need. */
 #define ROW_FMA(i)                                                                                  \
     if (MR > i) {                                                                                   \
         b = vset1(XAT(i));                                                                          \
-        c##i##0 = vfma(b, w0, c##i##0); c##i##1 = vfma(b, w1, c##i##1); c##i##2 = vfma(b, w2, c##i##2); \
+        c##i##0 = vfma(b, w0, c##i##0);                                                             \
+        if (V > 1) c##i##1 = vfma(b, w1, c##i##1);                                                  \
+        if (V > 2) c##i##2 = vfma(b, w2, c##i##2);                                                  \
     }
 #define ROW_STORE(i) \
     if (MR > i) store_row(y + i * ldy, c##i##0, c##i##1, c##i##2, nn, bias);
-#define TILE(NAME, R)                                                                                     \
-    static void NAME##R(const float *x, int64_t ldx, const float *panel, int64_t K, const float *bias, \
-                        float *y, int64_t ldy, int64_t nn, const char *pf) {                          \
-        const int64_t MR = R; /* a constant: the compiler drops the rows past it */                   \
+#define TILE_V(FN, R, NV)                                                                               \
+    static void FN(const float *x, int64_t ldx, const float *panel, int64_t K, const float *bias,      \
+                   float *y, int64_t ldy, int64_t nn, const char *pf) {                               \
+        const int64_t MR = R, V = NV; /* constants: the compiler drops the rows and vectors past them */ \
         vec c00 = vzero(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00, c20 = c00, c21 = c00; \
         vec c22 = c00, c30 = c00, c31 = c00, c32 = c00, c40 = c00, c41 = c00, c42 = c00, c50 = c00;   \
         vec c51 = c00, c52 = c00, c60 = c00, c61 = c00, c62 = c00, c70 = c00, c71 = c00, c72 = c00;   \
         for (int64_t k = 0; k < K; k++) {                                                             \
             const float *wk = panel + k * NR;                                                         \
-            vec w0 = vload(wk), w1 = vload(wk + VW), w2 = vload(wk + 2 * VW), b;                      \
+            vec w0 = vload(wk), w1 = w0, w2 = w0, b;                                                  \
+            if (V > 1) w1 = vload(wk + VW);                                                           \
+            if (V > 2) w2 = vload(wk + 2 * VW);                                                       \
             if (pf) { /* the next panel's row k (48 floats: 3 lines), into L2, while this one runs */  \
                 _mm_prefetch(pf + 4 * k * NR, _MM_HINT_T1);                                          \
                 _mm_prefetch(pf + 4 * k * NR + 64, _MM_HINT_T1);                                     \
@@ -503,6 +509,8 @@ static inline void store_row(float *y, vec a0, vec a1, vec a2, int64_t nn, const
         ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5) ROW_STORE(6)    \
         ROW_STORE(7)                                                                                  \
     }
+/* a tile's three widths: NAME##R (whole panels, what the decode products use), NAME##R##_2, _1 */
+#define TILE(NAME, R) TILE_V(NAME##R, R, 3) TILE_V(NAME##R##_2, R, 2) TILE_V(NAME##R##_1, R, 1)
 #define XAT(i) x[(i) * ldx + k] /* row i of the tile, element k of it */
 TILE(tile, 1)
 TILE(tile, 2)
@@ -531,13 +539,18 @@ TILE(tilet, 8)
 #undef XAT
 typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, const float *, float *, int64_t, int64_t,
                         const char *);
+/* [vectors][rows]: TILES[mr] is TILES_V[3][mr] */
 #if MR_MAX > 4
-static const tile_fn TILES[MR_MAX + 1] = {0, tile1, tile2, tile3, tile4, tile5, tile6, tile7, tile8};
-static const tile_fn TILEST[MR_MAX + 1] = {0, tilet1, tilet2, tilet3, tilet4, tilet5, tilet6, tilet7, tilet8};
+#define TILE_ROWS(NAME, S) {0, NAME##1##S, NAME##2##S, NAME##3##S, NAME##4##S, NAME##5##S, NAME##6##S, NAME##7##S, NAME##8##S}
 #else
-static const tile_fn TILES[MR_MAX + 1] = {0, tile1, tile2, tile3, tile4};
-static const tile_fn TILEST[MR_MAX + 1] = {0, tilet1, tilet2, tilet3, tilet4};
+#define TILE_ROWS(NAME, S) {0, NAME##1##S, NAME##2##S, NAME##3##S, NAME##4##S}
 #endif
+static const tile_fn TILES_V[4][MR_MAX + 1] = {{0}, TILE_ROWS(tile, _1), TILE_ROWS(tile, _2), TILE_ROWS(tile, )};
+static const tile_fn TILEST_V[4][MR_MAX + 1] = {{0}, TILE_ROWS(tilet, _1), TILE_ROWS(tilet, _2), TILE_ROWS(tilet, )};
+#define TILES TILES_V[3]
+
+/* the vectors of a panel that cover its first n columns (n >= 1) */
+static inline int64_t vectors(int64_t n) { return n >= NR ? 3 : (n + VW - 1) / VW; }
 
 static void gemm_amx(const float *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *packed, int64_t N,
                      const float *bias, float *y, int64_t ldy, int nt);
@@ -1003,8 +1016,10 @@ static void scores(const float *qs, int64_t D, const float *kt, int64_t T, int64
                    const float *lse_in, float *inv) {
     for (int64_t m = 0; m < T; m += MR_MAX) {
         int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
-        for (int64_t p = 0; p * NR <= last; p++)
-            TILES[mr](qs + m * D, D, kt + p * D * NR, D, 0, s + m * Tp + p * NR, Tp, min64(NR, T - p * NR), 0);
+        for (int64_t p = 0; p * NR <= last; p++) { /* columns past the tile's last row are not needed */
+            int64_t v = vectors(last + 1 - p * NR);
+            TILES_V[v][mr](qs + m * D, D, kt + p * D * NR, D, 0, s + m * Tp + p * NR, Tp, min64(v * VW, T - p * NR), 0);
+        }
         for (int64_t t = m; t <= last; t++) {
             float *r = s + t * Tp;
             /* n: the row's keys; nv: rounded up to whole vectors (within Tp, a multiple of NR); the
@@ -1058,8 +1073,10 @@ static void causal_nn(const float *p, int64_t T, int64_t Tp, const float *packed
     int64_t panels = (n + NR - 1) / NR;
     for (int64_t m = 0; m < T; m += MR_MAX) {
         int64_t mr = min64(MR_MAX, T - m);
-        for (int64_t q = 0; q < panels; q++)
-            TILES[mr](p + m * Tp, Tp, packed + q * T * NR, m + mr, 0, y + m * ldy + q * NR, ldy, min64(NR, n - q * NR), 0);
+        for (int64_t q = 0; q < panels; q++) {
+            int64_t nn = min64(NR, n - q * NR);
+            TILES_V[vectors(nn)][mr](p + m * Tp, Tp, packed + q * T * NR, m + mr, 0, y + m * ldy + q * NR, ldy, nn, 0);
+        }
     }
 }
 
@@ -1069,9 +1086,11 @@ static void causal_tn(const float *p, int64_t T, int64_t Tp, const float *packed
     int64_t panels = (n + NR - 1) / NR;
     for (int64_t m = 0; m < T; m += MR_MAX) {
         int64_t mr = min64(MR_MAX, T - m);
-        for (int64_t q = 0; q < panels; q++)
-            TILEST[mr](p + m * Tp + m, Tp, packed + (q * T + m) * NR, T - m, 0, y + m * ldy + q * NR, ldy,
-                       min64(NR, n - q * NR), 0);
+        for (int64_t q = 0; q < panels; q++) {
+            int64_t nn = min64(NR, n - q * NR);
+            TILEST_V[vectors(nn)][mr](p + m * Tp + m, Tp, packed + (q * T + m) * NR, T - m, 0, y + m * ldy + q * NR,
+                                      ldy, nn, 0);
+        }
     }
 }
 
@@ -1218,9 +1237,11 @@ int r1_attn_backward(const int64_t *parts, int64_t B, int64_t T, int64_t H, int6
                     pack_cols(v, none, b, h, rep, T, 0, vt);
                 for (int64_t m = 0; m < T; m += MR_MAX) { /* dP = dO V^T, then dS = P (dP - delta) */
                     int64_t mr = min64(MR_MAX, T - m), last = m + mr - 1;
-                    for (int64_t p = 0; p * NR <= last; p++)
-                        TILES[mr](dO + m * ldo, ldo, vt + p * Dv * NR, Dv, 0, ds + m * Tp + p * NR, Tp,
-                                  min64(NR, T - p * NR), 0);
+                    for (int64_t p = 0; p * NR <= last; p++) {
+                        int64_t v = vectors(last + 1 - p * NR);
+                        TILES_V[v][mr](dO + m * ldo, ldo, vt + p * Dv * NR, Dv, 0, ds + m * Tp + p * NR, Tp,
+                                       min64(v * VW, T - p * NR), 0);
+                    }
                     for (int64_t t = m; t <= last; t++) {
                         float *r = ds + t * Tp;
                         const float *pr = s + t * Tp;
