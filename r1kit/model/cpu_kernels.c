@@ -1443,61 +1443,71 @@ static void expert_plan(const int64_t *counts, int64_t E, int64_t *start, int64_
         }
 }
 
-/* x (P x H): the rows sorted by expert, counts[e] of them for expert e; w1 (E x 2I x H): each expert's
- * gate | up rows; w2 (E x H x I). Writes gu (P x 2I: x W1^T), h (P x I: silu(g) u) and y (P x H). */
-void r1_experts_forward(const float *x, const int64_t *counts, int64_t E, int64_t H, int64_t I, const float *w1,
-                        const float *w2, float *gu, float *h, float *y, int nt) {
+/* The experts' operands: x (P x H), the rows sorted by expert; w1 (E x 2I x H), each expert's gate | up
+ * rows; w2 (E x H x I); gu (P x 2I: x W1^T) and h (P x I: silu(g) u), written forward, read backward;
+ * y (P x H) forward; backward: dy (P x H) in, dx (P x H), dw1, dw2 (as w1, w2) out, dh (P x I) and
+ * dgu (P x 2I) scratch. */
+typedef struct {
+    const float *x, *w1, *w2, *dy;
+    float *gu, *h, *y, *dh, *dgu, *dx, *dw1, *dw2;
+    int64_t H, I;
+} experts_t;
+
+/* expert e over its m rows, from row s */
+static void expert_forward(const experts_t *a, int64_t e, int64_t m, int64_t s) {
+    int64_t H = a->H, I = a->I;
+    if (!m)
+        return;
+    blas_rows(0, 1, m, 2 * I, H, a->x + s * H, H, a->w1 + e * 2 * I * H, H, a->gu + s * 2 * I, 2 * I);
+    r1_swiglu_forward(a->gu + s * 2 * I, 2 * I, a->gu + s * 2 * I + I, 2 * I, m, I, a->h + s * I, I, 1);
+    blas_rows(0, 1, m, H, I, a->h + s * I, I, a->w2 + e * H * I, I, a->y + s * H, H);
+}
+
+static void expert_backward(const experts_t *a, int64_t e, int64_t m, int64_t s) {
+    int64_t H = a->H, I = a->I;
+    float *dw1 = a->dw1 + e * 2 * I * H, *dw2 = a->dw2 + e * H * I;
+    if (!m) { /* no rows: zero gradients */
+        memset(dw1, 0, (size_t)(2 * I * H) * sizeof(float));
+        memset(dw2, 0, (size_t)(H * I) * sizeof(float));
+        return;
+    }
+    const float *dy = a->dy + s * H, *gu = a->gu + s * 2 * I;
+    float *dh = a->dh + s * I, *dgu = a->dgu + s * 2 * I;
+    blas_rows(0, 0, m, I, H, dy, H, a->w2 + e * H * I, I, dh, I);   /* dh = dy W2 */
+    blas_rows(1, 0, H, I, m, dy, H, a->h + s * I, I, dw2, I);       /* dW2 = dy^T h */
+    r1_swiglu_backward(gu, 2 * I, gu + I, 2 * I, dh, I, m, I, dgu, 2 * I, dgu + I, 2 * I, 1);
+    blas_rows(0, 0, m, H, 2 * I, dgu, 2 * I, a->w1 + e * 2 * I * H, H, a->dx + s * H, H); /* dx = dgu W1 */
+    blas_rows(1, 0, 2 * I, H, m, dgu, 2 * I, a->x + s * H, H, dw1, H);                     /* dW1 = dgu^T x */
+}
+
+/* each expert once, a thread per expert, largest first; the BLAS single-threaded inside */
+static void experts_run(const experts_t *a, const int64_t *counts, int64_t E,
+                        void (*one)(const experts_t *, int64_t, int64_t, int64_t), int nt) {
     int64_t *start = malloc(2 * (size_t)E * sizeof(int64_t)), *order = start + E;
     expert_plan(counts, E, start, order);
 #pragma omp parallel num_threads(nt) if (nt > 1 && E > 1)
     {
         int before = blas_local_threads ? blas_local_threads(1) : 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < E; i++) {
-            int64_t e = order[i], m = counts[e], s = start[e];
-            if (!m)
-                continue;
-            blas_rows(0, 1, m, 2 * I, H, x + s * H, H, w1 + e * 2 * I * H, H, gu + s * 2 * I, 2 * I);
-            r1_swiglu_forward(gu + s * 2 * I, 2 * I, gu + s * 2 * I + I, 2 * I, m, I, h + s * I, I, 1);
-            blas_rows(0, 1, m, H, I, h + s * I, I, w2 + e * H * I, I, y + s * H, H);
-        }
+        for (int64_t i = 0; i < E; i++)
+            one(a, order[i], counts[order[i]], start[order[i]]);
         if (blas_local_threads)
             blas_local_threads(before);
     }
     free(start);
 }
 
-/* Its gradients from dy (P x H): dx (P x H), dw1 (E x 2I x H), dw2 (E x H x I), an expert without rows
- * getting zeros; dh (P x I) and dgu (P x 2I) are scratch. */
+void r1_experts_forward(const float *x, const int64_t *counts, int64_t E, int64_t H, int64_t I, const float *w1,
+                        const float *w2, float *gu, float *h, float *y, int nt) {
+    experts_t a = {x, w1, w2, 0, gu, h, y, 0, 0, 0, 0, 0, H, I};
+    experts_run(&a, counts, E, expert_forward, nt);
+}
+
 void r1_experts_backward(const float *x, const int64_t *counts, int64_t E, int64_t H, int64_t I, const float *w1,
                          const float *w2, const float *gu, const float *h, const float *dy, float *dh, float *dgu,
                          float *dx, float *dw1, float *dw2, int nt) {
-    int64_t *start = malloc(2 * (size_t)E * sizeof(int64_t)), *order = start + E;
-    expert_plan(counts, E, start, order);
-#pragma omp parallel num_threads(nt) if (nt > 1 && E > 1)
-    {
-        int before = blas_local_threads ? blas_local_threads(1) : 0;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < E; i++) {
-            int64_t e = order[i], m = counts[e], s = start[e];
-            float *dw1e = dw1 + e * 2 * I * H, *dw2e = dw2 + e * H * I;
-            if (!m) {
-                memset(dw1e, 0, (size_t)(2 * I * H) * sizeof(float));
-                memset(dw2e, 0, (size_t)(H * I) * sizeof(float));
-                continue;
-            }
-            const float *dye = dy + s * H, *gue = gu + s * 2 * I;
-            float *dhe = dh + s * I, *dgue = dgu + s * 2 * I;
-            blas_rows(0, 0, m, I, H, dye, H, w2 + e * H * I, I, dhe, I);  /* dh = dy W2 */
-            blas_rows(1, 0, H, I, m, dye, H, h + s * I, I, dw2e, I);       /* dW2 = dy^T h */
-            r1_swiglu_backward(gue, 2 * I, gue + I, 2 * I, dhe, I, m, I, dgue, 2 * I, dgue + I, 2 * I, 1);
-            blas_rows(0, 0, m, H, 2 * I, dgue, 2 * I, w1 + e * 2 * I * H, H, dx + s * H, H); /* dx = dgu W1 */
-            blas_rows(1, 0, 2 * I, H, m, dgue, 2 * I, x + s * H, H, dw1e, H);                 /* dW1 = dgu^T x */
-        }
-        if (blas_local_threads)
-            blas_local_threads(before);
-    }
-    free(start);
+    experts_t a = {x, w1, w2, dy, (float *)gu, (float *)h, 0, dh, dgu, dx, dw1, dw2, H, I};
+    experts_run(&a, counts, E, expert_backward, nt);
 }
 
 /* MoE dispatch plan: the P (token, expert) pairs' expert ids -> counts (E), order (P: the pairs
