@@ -1485,13 +1485,15 @@ static void experts_run(const experts_t *a, const int64_t *counts, int64_t E,
                         void (*one)(const experts_t *, int64_t, int64_t, int64_t), int nt) {
     int64_t *start = malloc(2 * (size_t)E * sizeof(int64_t)), *order = start + E;
     expert_plan(counts, E, start, order);
-#pragma omp parallel num_threads(nt) if (nt > 1 && E > 1)
+    int threaded = nt > 1 && E > 1;
+#pragma omp parallel num_threads(nt) if (threaded)
     {
-        int before = blas_local_threads ? blas_local_threads(1) : 0;
+        /* one thread of ours, one of MKL's (MKL would see the region anyway; this is to be sure) */
+        int local = threaded && blas_local_threads, before = local ? blas_local_threads(1) : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < E; i++)
             one(a, order[i], counts[order[i]], start[order[i]]);
-        if (blas_local_threads)
+        if (local)
             blas_local_threads(before);
     }
     free(start);
